@@ -1,0 +1,152 @@
+"""Experiment configuration: one flat ``ml_collections.ConfigDict`` whose keys are the official ones.
+
+The official code stores every option of ``train.py`` in a flat ``config.json`` next to each
+checkpoint. We keep exactly those names (so official configs load as ours and ours export as
+official ones) and add a few of our own (``compute_dtype``, ``init_from``, ...). The dict is
+locked: an unknown or mistyped key is an error, never a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+# Official option -> default (official ``args.py``; dataset-specific ones have no default).
+OFFICIAL_DEFAULTS: dict[str, Any] = dict(
+    # Model.
+    nx=64, nc=1, nf=64, nhx=128, ny=20, nz=20, skipco=False, nt_inf=5, nh_inf=256, nlayers_inf=3,
+    nh_res=512, nlayers_res=4, archi='dcgan', n_euler_steps=1, res_gain=1.41,
+    # Objective.
+    obs_scale=1.0, beta_y=1.0, beta_z=1.0, l2_res=1.0,
+    # Optimisation.
+    lr=3e-4, lr_scheduling_burnin=1_000_000, lr_scheduling_n_iter=100_000, batch_size=128, seed=0,
+    # Data.
+    dataset='smmnist', data_dir='', seq_len=15, ndigits=2, max_speed=4, deterministic=False,
+    subsampling=8,
+    # Validation.
+    val_interval=20_000, chkpt_interval=0, batch_size_test=16, n_iter_test=25, nt_cond=5,
+    n_samples_test=100, seq_len_test=0,
+)
+
+# Options of ours, with their defaults.
+EXTRA_DEFAULTS: dict[str, Any] = dict(
+    compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
+    init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
+    keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
+    log_interval=50,  # Steps between scalar summaries.
+    n_val_videos_gif=4,  # Videos shown in the validation GIF.
+    distributed=False,  # Call jax.distributed.initialize() (multi-host).
+    num_data_workers=4,  # Parallel batch builders in the input pipeline.
+)
+
+MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf', 'nlayers_inf', 'nh_res',
+              'nlayers_res', 'archi')
+DATASETS = ('smmnist', 'mmnist', 'kth', 'human', 'bair')
+ARCHITECTURES = ('dcgan', 'vgg')
+
+
+class ConfigError(ValueError):
+  """A configuration that cannot describe an SRVP run."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults; paper configs override the dataset-specific ones."""
+  cfg = ml_collections.ConfigDict({**OFFICIAL_DEFAULTS, **EXTRA_DEFAULTS})
+  return cfg
+
+
+def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Validates ``cfg`` and locks it so that unknown keys raise."""
+  validate(cfg)
+  cfg.lock()
+  return cfg
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+  """One-line, actionable errors for configurations the model cannot run."""
+  known = set(OFFICIAL_DEFAULTS) | set(EXTRA_DEFAULTS)
+  unknown = sorted(set(cfg.keys()) - known)
+  if unknown:
+    raise ConfigError(f'unknown config key(s) {unknown}; valid keys: {sorted(known)}')
+  if cfg['archi'] not in ARCHITECTURES:
+    raise ConfigError(f"unknown architecture archi={cfg['archi']!r}; expected one of {ARCHITECTURES}")
+  if cfg['nx'] != 64:
+    raise ConfigError(f"nx={cfg['nx']}: only 64x64 frames are supported (the official architectures are 64x64)")
+  if cfg['nc'] not in (1, 3):
+    raise ConfigError(f"nc={cfg['nc']}: frames must have 1 or 3 channels")
+  for key in ('nf', 'nhx', 'ny', 'nz', 'nt_inf', 'nh_inf', 'nh_res', 'n_euler_steps', 'batch_size'):
+    if int(cfg[key]) < 1:
+      raise ConfigError(f'{key}={cfg[key]} must be a positive integer')
+  for key in ('nlayers_inf', 'nlayers_res'):
+    if int(cfg[key]) < 2:
+      raise ConfigError(f'{key}={cfg[key]}: an MLP needs at least 2 layers')
+  if cfg['compute_dtype'] not in ('float32', 'bfloat16'):
+    raise ConfigError(f"compute_dtype={cfg['compute_dtype']!r}: expected 'float32' or 'bfloat16'")
+  if cfg['dataset'] not in DATASETS:
+    raise ConfigError(f"unknown dataset={cfg['dataset']!r}; expected one of {DATASETS}")
+  if cfg['seq_len'] < cfg['nt_inf']:
+    raise ConfigError(f"seq_len={cfg['seq_len']} is shorter than nt_inf={cfg['nt_inf']}")
+
+
+def from_official(official: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Our config from an official ``config.json`` dict. Unknown official keys are ignored."""
+  cfg = default_config()
+  for key, value in official.items():
+    if key not in OFFICIAL_DEFAULTS and key not in EXTRA_DEFAULTS:
+      continue  # Official options we have no use for (apex_amp, n_workers, ...).
+    if value is None:
+      continue  # The official code uses None for "not set"; keep our default.
+    default = cfg[key]
+    if isinstance(default, bool):
+      value = bool(value)
+    elif isinstance(default, int) and not isinstance(value, bool):
+      value = int(value)
+    elif isinstance(default, float):
+      value = float(value)
+    cfg[key] = value
+  if official.get('dataset') == 'smmnist' and official.get('deterministic'):
+    cfg.dataset = 'mmnist'
+  validate(cfg)
+  return cfg
+
+
+def to_official(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The official flat ``config.json`` form (what the official ``test.py`` reads)."""
+  out = {key: cfg[key] for key in OFFICIAL_DEFAULTS}
+  # The official code names both Moving MNIST variants 'smmnist' and uses the 'deterministic' flag.
+  if out['dataset'] == 'mmnist':
+    out['dataset'], out['deterministic'] = 'smmnist', True
+  for key in ('chkpt_interval', 'seq_len_test'):
+    if not out[key]:
+      out[key] = None
+  return out
+
+
+def load_official_json(path: str) -> ml_collections.ConfigDict:
+  """Reads an official ``config.json``."""
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file not found: {path}')
+  try:
+    with open(path, encoding='utf-8') as f:
+      official = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path} is not a JSON config ({e})') from None
+  if not isinstance(official, dict):
+    raise ConfigError(f'{path} is not a flat JSON object of options')
+  missing = [k for k in MODEL_KEYS if k not in official]
+  if missing:
+    raise ConfigError(f'{path} lacks the model option(s) {missing}')
+  return from_official(official)
+
+
+def model_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The keyword arguments of ``srvp_jax.model.SRVP`` taken from a config."""
+  return {key: cfg[key] for key in MODEL_KEYS}
+
+
+def seq_len_test(cfg: Mapping[str, Any]) -> int:
+  """Validation / test sequence length (``seq_len_test`` when set, else ``seq_len``)."""
+  return int(cfg['seq_len_test'] or cfg['seq_len'])
