@@ -40,6 +40,9 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     n_val_videos_gif=4,  # Videos shown in the validation GIF.
     distributed=False,  # Call jax.distributed.initialize() (multi-host).
     num_data_workers=4,  # Parallel batch builders in the input pipeline.
+    digits_source='auto',  # Moving MNIST digits: 'auto', 'idx', 'tfds' or 'standin' (offline stand-in).
+    val_sample_chunk=25,  # Validation samples decoded together (memory vs speed).
+    mesh_data_axis=-1,  # Devices on the 'data' mesh axis (-1: all devices).
 )
 
 MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf', 'nlayers_inf', 'nh_res',

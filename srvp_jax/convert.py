@@ -67,6 +67,9 @@ def load_state_dict(model: SRVP, state_dict: Mapping[str, Any], cfg: Mapping[str
     if tuple(ours.shape) != tuple(current.shape):
       expected = ours_to_torch(np.zeros(current.shape, np.int8), t.layout).shape
       raise CheckpointError(f'{t.name} has shape {tuple(value.shape)} but the config implies {tuple(expected)}{hint}')
+    if np.issubdtype(current.dtype, np.integer) and ours.size and not (
+        np.iinfo(current.dtype).min <= ours.min() and ours.max() <= np.iinfo(current.dtype).max):
+      raise CheckpointError(f'{t.name} = {ours.max()} does not fit in {current.dtype}')
     t.variable[...] = jnp.asarray(ours, dtype=current.dtype)
   return model
 
@@ -78,7 +81,8 @@ def state_dict_from_model(model: SRVP) -> collections.OrderedDict[str, np.ndarra
     value = np.asarray(t.variable[...])
     if t.name.endswith('num_batches_tracked'):
       value = value.astype(np.int64)
-    out[t.name] = np.ascontiguousarray(ours_to_torch(value, t.layout))
+    # np.array, not np.ascontiguousarray: the latter turns 0-d arrays (num_batches_tracked) into shape (1,).
+    out[t.name] = np.array(ours_to_torch(value, t.layout), order='C')
   return out
 
 

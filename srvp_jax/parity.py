@@ -55,8 +55,11 @@ def _tb(a):
   return np.swapaxes(np.asarray(a), 0, 1)
 
 
-def replay(golden_dir: str) -> Iterator[Comparison]:
-  """Yields one comparison per recorded quantity of ``golden_dir``."""
+PARTS = ('eval', 'pred', 'train')
+
+
+def replay(golden_dir: str, parts: tuple[str, ...] = PARTS) -> Iterator[Comparison]:
+  """Yields one comparison per recorded quantity of ``golden_dir`` (of the recorded ``parts``)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -80,7 +83,7 @@ def replay(golden_dir: str) -> Iterator[Comparison]:
       yield compare(f'{prefix}/loss/{k}', 'loss', terms[k], g[f'{prefix}/loss/{k}'])
 
   # --- Evaluation mode, all frames given. ---
-  if 'eval/x_rec' in g:
+  if 'eval' in parts and 'eval/x_rec' in g:
     w_frames, skip_frame = model.eval_noise_frames(nt, batch)
     noise = TrainNoise(eps_y0=jnp.asarray(g['eval/eps_y0']), eps_z=jnp.asarray(_tb(g['eval/eps_z'])),
                        w_frames=w_frames, skip_frame=skip_frame)
@@ -109,7 +112,7 @@ def replay(golden_dir: str) -> Iterator[Comparison]:
     yield from losses('eval', terms)
 
   # --- Test-time prediction protocol. ---
-  if 'pred/x_pred' in g:
+  if 'pred' in parts and 'pred/x_pred' in g:
     nt_cond = int(g['pred/nt_cond'])
     noise = PredNoise(eps_y0=jnp.asarray(g['pred/eps_y0'])[None],
                       eps_z_post=jnp.asarray(_tb(g['pred/eps_z_post']))[None],
@@ -125,7 +128,7 @@ def replay(golden_dir: str) -> Iterator[Comparison]:
     yield compare('pred/x_pred', 'forward', _tbchw(pred.x_pred[0]), g['pred/x_pred'])
 
   # --- One training pass: loss, gradients, BatchNorm statistics after it. ---
-  if 'train/x_rec' in g:
+  if 'train' in parts and 'train/x_rec' in g:
     noise = TrainNoise(eps_y0=jnp.asarray(g['train/eps_y0']), eps_z=jnp.asarray(_tb(g['train/eps_z'])),
                        w_frames=jnp.asarray(g['train/w_frames'].T, jnp.int32),
                        skip_frame=jnp.asarray(g['train/skip_frame'], jnp.int32))

@@ -1,7 +1,10 @@
 """Builds the fixed test sets: ``python -m srvp_jax.data.make_test_set DATASET --data_dir DIR [options]``.
 
 The first positional argument picks the dataset's handler in ``HANDLERS`` (name -> function of the
-remaining command-line arguments); add a dataset by adding its handler there.
+remaining command-line arguments, returning None or an exit status); add a dataset by adding its handler
+there. ``kth`` and ``human`` are the handlers of ``srvp_jax.data.video_datasets_cli`` (official draws with
+NumPy's legacy generator seeded 42, SPEC section 6): ``kth`` writes DIR/svg_test_set_40.npz from
+DIR/processed_64, ``human`` writes DIR/test_set_53_8/test_<i>.npz from DIR/test/*.npz.
 
 Moving MNIST (``mmnist``) reproduces the official procedure byte for byte: NumPy's legacy generator
 seeded 42, one permutation of the MNIST test digits, then for each video and each of its digits
@@ -18,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from srvp_jax.data import mmnist, mnist
+from srvp_jax.data import mmnist, mnist, video_datasets_cli
 
 DEFAULT_SEQ_LEN = {False: 25, True: 100}  # Keyed by ``deterministic``.
 RENDER_CHUNK = 256  # Videos rendered at once.
@@ -94,8 +97,10 @@ def mmnist_main(argv: Sequence[str]) -> None:
 
 
 # Dataset name -> handler of the remaining command-line arguments.
-HANDLERS: dict[str, Callable[[Sequence[str]], None]] = {
+HANDLERS: dict[str, Callable[[Sequence[str]], int | None]] = {
     'mmnist': mmnist_main,
+    'kth': video_datasets_cli.make_test_set_kth,
+    'human': video_datasets_cli.make_test_set_human,
 }
 
 
@@ -109,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise SystemExit(0 if argv else 2)
   if argv[0] not in HANDLERS:
     raise SystemExit(f'error: unknown dataset {argv[0]!r}; choose one of: {names}')
-  HANDLERS[argv[0]](argv[1:])
+  status = HANDLERS[argv[0]](argv[1:])
+  if status:
+    raise SystemExit(status)
 
 
 if __name__ == '__main__':

@@ -145,8 +145,10 @@ class LSTM(nnx.Module):
     return jnp.swapaxes(hs, 0, 1)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
-    yield from self.ih.torch_tensors(prefix, 'weight_ih_l0', 'bias_ih_l0')
-    yield from self.hh.torch_tensors(prefix, 'weight_hh_l0', 'bias_hh_l0')
+    # torch.nn.LSTM's order: both weights, then both biases.
+    (w_ih, b_ih), (w_hh, b_hh) = (list(self.ih.torch_tensors(prefix, 'weight_ih_l0', 'bias_ih_l0')),
+                                  list(self.hh.torch_tensors(prefix, 'weight_hh_l0', 'bias_hh_l0')))
+    yield from (w_ih, w_hh, b_ih, b_hh)
 
 
 class BatchNorm(nnx.Module):

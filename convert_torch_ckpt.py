@@ -1,0 +1,147 @@
+"""Converts official PyTorch SRVP checkpoints into our checkpoint folders, and back.
+
+Official -> ours (the folder then works with evaluation, fine-tuning and ``--to_torch``)::
+
+    python convert_torch_ckpt.py XP_DIR --out OUT [--model_name model_best.pt]
+    python convert_torch_ckpt.py --checkpoint model.pt --config config.json --out OUT
+
+XP_DIR is an official experiment folder (``config.json`` next to the checkpoint). OUT receives our
+config and the model as step 0, loadable with ``checkpoints.load_model(OUT, 'latest')`` (or 'best').
+
+Ours -> official (``model.pt`` state_dict and ``config.json`` that the official ``test.py`` reads)::
+
+    python convert_torch_ckpt.py OUR_DIR --to_torch --out OUT_DIR [--checkpoint best|latest|STEP]
+
+Conversion is lossless in both directions. Errors are one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Conversion is host work; never grab an accelerator.
+
+# pylint: disable=wrong-import-position
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from srvp_jax import checkpoints
+from srvp_jax import config as config_lib
+from srvp_jax import convert
+from srvp_jax.model import build_model, param_count
+
+# pylint: enable=wrong-import-position
+
+OFFICIAL_MODEL = 'model.pt'
+
+
+class UsageError(ValueError):
+  """Arguments that do not name one conversion."""
+
+
+def _describe(model, cfg) -> str:
+  return (f"{param_count(model):,} parameters, archi={cfg['archi']}, skipco={cfg['skipco']}, nc={cfg['nc']}, "
+          f"ny={cfg['ny']}, nz={cfg['nz']}")
+
+
+def blank_model(cfg):
+  """The model of ``cfg`` filled with zeros, skipping the random initialisation.
+
+  Conversion overwrites every variable, and the eager initialisation of a model compiles dozens
+  of small XLA programs (tens of seconds on CPU) for values that would be thrown away.
+  """
+  model = nnx.eval_shape(lambda: build_model(cfg))
+  nnx.update(model, jax.tree.map(lambda s: jnp.asarray(np.zeros(s.shape, s.dtype)), nnx.state(model)))
+  return model
+
+
+def load_ours(workdir: str, which: str):
+  """(model, cfg, step) of our folder: ``checkpoints.load_model`` without the random initialisation."""
+  cfg = checkpoints.load_config(workdir)
+  sub, step = checkpoints.resolve_step(workdir, which)
+  model = blank_model(cfg)
+  try:
+    tree, _, _ = checkpoints.restore(checkpoints.manager(workdir, sub), step, checkpoints.model_tree(model))
+  except (ValueError, KeyError) as e:
+    raise config_lib.ConfigError(f'checkpoint {workdir}/{sub}/{step} does not match its config: '
+                                 f'{str(e).splitlines()[0]}') from None
+  checkpoints.set_model_tree(model, tree)
+  return model, cfg, step
+
+
+def to_ours(checkpoint: str, config_path: str, out: str) -> str:
+  """Official ``checkpoint`` + ``config_path`` -> our folder ``out`` (model saved as step 0)."""
+  if any(os.path.isdir(os.path.join(out, sub)) for sub in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR)):
+    raise UsageError(f'{out} already holds checkpoints; give a new --out folder')
+  cfg = config_lib.load_official_json(config_path)
+  model = convert.load_state_dict(blank_model(cfg), convert.load_torch_file(checkpoint), cfg)
+  checkpoints.save_config(out, cfg)
+  mngr = checkpoints.manager(out)
+  checkpoints.save(mngr, 0, checkpoints.model_tree(model), meta={'step': 0, 'source': os.path.abspath(checkpoint)})
+  mngr.wait_until_finished()
+  mngr.close()
+  return f'converted {checkpoint} -> {out} (step 0): {_describe(model, cfg)}'
+
+
+def to_torch(workdir: str, which: str, out: str) -> str:
+  """Our folder ``workdir`` (checkpoint ``which``) -> official ``out/model.pt`` + ``out/config.json``."""
+  model, cfg, step = load_ours(workdir, which)
+  os.makedirs(out, exist_ok=True)
+  model_path = os.path.join(out, OFFICIAL_MODEL)
+  convert.save_torch_file(convert.state_dict_from_model(model), model_path)
+  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
+    json.dump(config_lib.to_official(cfg), f, indent=1)
+  return f'exported {workdir} ({which}, step {step}) -> {model_path} + config.json: {_describe(model, cfg)}'
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog='convert_torch_ckpt.py', description=__doc__.split('\n\n')[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
+  parser.add_argument('folder', nargs='?', help='official experiment folder (or ours with --to_torch)')
+  parser.add_argument('--out', required=True, help='folder to write')
+  parser.add_argument('--model_name', default=OFFICIAL_MODEL, help='checkpoint file inside XP_DIR')
+  parser.add_argument('--checkpoint', help='official checkpoint file; with --to_torch: best, latest or a step')
+  parser.add_argument('--config', help='official config.json (with --checkpoint PATH)')
+  parser.add_argument('--to_torch', action='store_true', help='export our folder as an official checkpoint')
+  return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> str:
+  """Performs the conversion ``args`` describe; returns the summary line."""
+  if args.to_torch:
+    if not args.folder or args.config:
+      raise UsageError('--to_torch takes our checkpoint folder as its only positional argument (no --config)')
+    if not os.path.isdir(args.folder):
+      raise UsageError(f'checkpoint folder not found: {args.folder}')
+    return to_torch(args.folder, args.checkpoint or 'best', args.out)
+  if args.folder:
+    if args.checkpoint or args.config:
+      raise UsageError('give either XP_DIR or --checkpoint PATH --config PATH, not both')
+    if not os.path.isdir(args.folder):
+      raise UsageError(f'experiment folder not found: {args.folder}')
+    return to_ours(os.path.join(args.folder, args.model_name), os.path.join(args.folder, 'config.json'), args.out)
+  if not (args.checkpoint and args.config):
+    raise UsageError('give XP_DIR, or both --checkpoint PATH and --config PATH')
+  return to_ours(args.checkpoint, args.config, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    summary = run(args)
+  except (UsageError, convert.CheckpointError, config_lib.ConfigError, checkpoints.CheckpointNotFoundError,
+          FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  print(summary)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,146 @@
+"""Checkpoint folders: what training writes and what evaluation, fine-tuning and export read.
+
+Layout of a run (or converted) folder::
+
+    DIR/srvp_config.json     our full config (ml_collections keys)
+    DIR/config.json          the same config in the official flat form (for PyTorch export)
+    DIR/checkpoints/<step>/  orbax: 'model' (all model variables), 'opt' (optimizer state, training
+                             only), 'meta' (step, RNG key, data position, best metric, ...)
+    DIR/best/<step>/         orbax: the best model by validation PSNR ('model' + 'meta')
+
+Model variables are stored as a pure nested dict (``nnx.State.to_pure_dict``), float32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from srvp_jax import config as config_lib
+
+CONFIG_FILE = 'srvp_config.json'
+OFFICIAL_CONFIG_FILE = 'config.json'
+LATEST_DIR = 'checkpoints'
+BEST_DIR = 'best'
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+  """A folder without the checkpoint the caller asked for."""
+
+
+def save_config(workdir: str, cfg: Mapping[str, Any]) -> None:
+  """Writes our config and its official ``config.json`` form into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump(dict(cfg), f, indent=1, sort_keys=True)
+  with open(os.path.join(workdir, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
+    json.dump(config_lib.to_official(cfg), f, indent=1)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """Our config of a checkpoint folder (falls back to an official ``config.json``)."""
+  ours = os.path.join(workdir, CONFIG_FILE)
+  if os.path.isfile(ours):
+    with open(ours, encoding='utf-8') as f:
+      data = json.load(f)
+    cfg = config_lib.default_config()
+    unknown = sorted(set(data) - set(cfg.keys()))
+    if unknown:
+      raise config_lib.ConfigError(f'{ours} has unknown key(s) {unknown}')
+    cfg.update(data)
+    config_lib.validate(cfg)
+    return cfg
+  official = os.path.join(workdir, OFFICIAL_CONFIG_FILE)
+  if os.path.isfile(official):
+    return config_lib.load_official_json(official)
+  raise CheckpointNotFoundError(f'{workdir} has neither {CONFIG_FILE} nor {OFFICIAL_CONFIG_FILE}: '
+                                'not a checkpoint folder (train with launch.py or run convert_torch_ckpt.py)')
+
+
+def manager(workdir: str, which: str = LATEST_DIR, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
+  """An orbax manager over ``workdir/which`` (created on save)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, which)), options=options)
+
+
+def model_tree(model: nnx.Module) -> dict:
+  """All model variables (parameters and BatchNorm statistics) as a pure dict of arrays."""
+  return nnx.state(model).to_pure_dict()
+
+
+def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: Mapping[str, Any],
+         opt_state: Any = None) -> None:
+  """Saves one step (``model_state`` a pure dict; ``opt_state`` optional)."""
+  items = {'model': ocp.args.StandardSave(model_state), 'meta': ocp.args.JsonSave(dict(meta))}
+  if opt_state is not None:
+    items['opt'] = ocp.args.StandardSave(opt_state)
+  mngr.save(step, args=ocp.args.Composite(**items))
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, model_template: Any, opt_template: Any = None):
+  """Restores (model pure dict, meta, opt_state or None) of ``step`` with the templates' structure."""
+  items = {'model': ocp.args.StandardRestore(_abstract(model_template)), 'meta': ocp.args.JsonRestore()}
+  if opt_template is not None:
+    items['opt'] = ocp.args.StandardRestore(_abstract(opt_template))
+  out = mngr.restore(step, args=ocp.args.Composite(**items))
+  return out['model'], out['meta'], (out['opt'] if opt_template is not None else None)
+
+
+def resolve_step(workdir: str, which: str) -> tuple[str, int]:
+  """(sub-folder, step) for ``which`` = 'best', 'latest' or a step number."""
+  if which == 'best':
+    sub = BEST_DIR if os.path.isdir(os.path.join(workdir, BEST_DIR)) else LATEST_DIR
+  else:
+    sub = LATEST_DIR
+  folder = os.path.join(workdir, sub)
+  steps = manager(workdir, sub).all_steps() if os.path.isdir(folder) else []
+  if not steps:
+    raise CheckpointNotFoundError(f'no checkpoint in {folder}')
+  if which in ('best', 'latest'):
+    return sub, max(steps)
+  if not str(which).isdigit() or int(which) not in steps:
+    raise CheckpointNotFoundError(f'no checkpoint for step {which} in {folder}; available: {sorted(steps)}')
+  return sub, int(which)
+
+
+def load_model(workdir: str, which: str = 'best'):
+  """(model, cfg, step) from a checkpoint folder written by training or the converter."""
+  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  cfg = load_config(workdir)
+  sub, step = resolve_step(workdir, which)
+  model = build_model(cfg)
+  template = model_tree(model)
+  try:
+    tree, _, _ = restore(manager(workdir, sub), step, template)
+  except (ValueError, KeyError) as e:
+    raise config_lib.ConfigError(f'checkpoint {workdir}/{sub}/{step} does not match its config: '
+                                 f'{str(e).splitlines()[0]}') from None
+  set_model_tree(model, tree)
+  return model, cfg, step
+
+
+def set_model_tree(model: nnx.Module, tree: Mapping) -> None:
+  """Loads a pure dict of variables into ``model``, checking names and shapes."""
+  state = nnx.state(model)
+  template = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
+  given = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  if set(template) != set(given):
+    diff = sorted(map(jax.tree_util.keystr, set(template) ^ set(given)))[:5]
+    raise config_lib.ConfigError(f'checkpoint variables do not match the config\'s model (e.g. {diff})')
+  for path, value in given.items():
+    if np.shape(value) != np.shape(template[path]):
+      raise config_lib.ConfigError(f'checkpoint variable {jax.tree_util.keystr(path)} has shape '
+                                   f'{np.shape(value)}, the config implies {np.shape(template[path])}')
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)

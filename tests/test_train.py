@@ -1,0 +1,216 @@
+"""Training: lr schedule, data parallelism, resume, fail-fast, configs and a short learning run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from srvp_jax import config as config_lib
+from srvp_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
+            lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2, log_interval=1,
+            n_samples_test=2, n_iter_test=1, batch_size_test=2, val_sample_chunk=2)
+
+
+def tiny_config(**overrides):
+  cfg = config_lib.default_config()
+  cfg.update({**TINY, **overrides})
+  return cfg
+
+
+def step_indexed(seed=0, batch=8, t=6):
+  """A fake step-indexed stream: batch k is a function of k only (like the real pipelines)."""
+  def factory(start):
+    def gen():
+      k = start
+      while True:
+        yield np.random.default_rng([seed, k]).uniform(size=(batch, t, 64, 64, 1)).astype(np.float32)
+        k += 1
+    return gen()
+  return factory
+
+
+def test_lr_schedule_matches_official_lambda_lr():
+  """Our schedule equals the official LambdaLR loop (scheduler stepped after updates >= burnin)."""
+  torch = pytest.importorskip('torch')
+  burnin, n_iter, lr = 5, 4, 3e-4
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambda i: max(0, (n_iter - i) / n_iter))
+  official = []
+  for itr in range(1, burnin + n_iter + 1):
+    official.append(opt.param_groups[0]['lr'])  # lr used by update number itr.
+    if itr >= burnin:
+      sched.step()
+  ours = [float(train.lr_schedule(lr, burnin, n_iter)(c)) for c in range(burnin + n_iter)]
+  np.testing.assert_allclose(ours, official, rtol=1e-6, atol=1e-12)
+  assert ours[burnin - 1] == pytest.approx(lr) and ours[burnin] == pytest.approx(lr * (n_iter - 1) / n_iter)
+  assert ours[-1] == 0.0
+
+
+_DP_SCRIPT = r'''
+import os, sys
+os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
+import jax, numpy as np, optax
+jax.config.update('jax_platforms', 'cpu')
+sys.path.insert(0, sys.argv[3])
+from srvp_jax import config as C, train
+from srvp_jax.model import build_model
+cfg = C.default_config(); cfg.update(%s)
+tx = optax.sgd(0.1)
+graphdef, state = train.init_state(build_model(cfg, 0), tx)
+init = jax.tree.leaves(jax.device_get(state.params))
+mesh = train.make_mesh(cfg)
+step = train.jit_train_step(train.make_train_step(graphdef, cfg, tx), mesh)
+state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+x = np.random.default_rng(0).uniform(size=(8, 6, 64, 64, 1)).astype(np.float32)
+state, m = step(state, train.global_batch(x, mesh), jax.random.key(1))
+updates = [np.asarray(a) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), init)]
+stats = [np.asarray(a) for a in jax.tree.leaves(jax.device_get(state.batch_stats)) if np.asarray(a).dtype == np.float32]
+np.savez(sys.argv[2], loss=np.asarray(m['loss']), n_dev=jax.device_count(),
+         **{f'update_{i}': a for i, a in enumerate(updates)}, **{f'stat_{i}': a for i, a in enumerate(stats)})
+''' % repr(TINY)
+
+
+def test_one_step_on_1_device_equals_4_devices(tmp_path):
+  """Same global batch, same noise: loss, SGD updates and BatchNorm running statistics agree.
+
+  Updates are compared to the largest update: gradient sums are reduced in another order across
+  devices, and with training-mode BatchNorm many gradient entries are near-zero sums of large
+  terms: in float32 a different reduction order moves them by ~1e-3 of the largest update (the
+  same conditioning the official PyTorch code shows, see tests/test_parity.py).
+  """
+  script = tmp_path / 'dp.py'
+  script.write_text(_DP_SCRIPT)
+  out = {}
+  for n in (1, 4):
+    path = tmp_path / f'dp{n}.npz'
+    subprocess.run([sys.executable, str(script), str(n), str(path), ROOT], check=True, capture_output=True,
+                   timeout=600)
+    out[n] = np.load(path)
+  assert int(out[4]['n_dev']) == 4 and int(out[1]['n_dev']) == 1
+  np.testing.assert_allclose(out[1]['loss'], out[4]['loss'], rtol=1e-6)
+  updates = [k for k in out[1].files if k.startswith('update_')]
+  stats = [k for k in out[1].files if k.startswith('stat_')]
+  assert len(updates) > 20 and len(stats) > 10
+  scale = max(np.abs(out[1][k]).max() for k in updates)
+  for k in updates:
+    np.testing.assert_allclose(out[1][k], out[4][k], rtol=0, atol=2e-3 * scale, err_msg=k)
+  for k in stats:
+    np.testing.assert_allclose(out[1][k], out[4][k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _params(workdir):
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  model, _, step = checkpoints.load_model(workdir, 'latest')
+  return step, jax.tree.leaves(checkpoints.model_tree(model))
+
+
+class _KillAt:
+  """A stream that raises KeyboardInterrupt (like Ctrl-C) when asked for the batch of ``step``."""
+
+  def __init__(self, factory, step):
+    self.factory, self.step = factory, step
+
+  def __call__(self, start):
+    inner = self.factory(start)
+
+    def gen():
+      k = start
+      while True:
+        if k == self.step:
+          raise KeyboardInterrupt
+        yield next(inner)
+        k += 1
+    return gen()
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+  cfg = tiny_config(chkpt_interval=100)  # Only the interrupt (and the end) write checkpoints.
+  no_val = lambda: iter(())
+  train.train_and_evaluate(cfg, str(tmp_path / 'full'), train_batches=step_indexed(), val_batches=no_val,
+                           progress=False)
+  killed = str(tmp_path / 'killed')
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(cfg, killed, train_batches=_KillAt(step_indexed(), 3), val_batches=no_val,
+                             progress=False)
+  assert _params(killed)[0] == 3
+  train.train_and_evaluate(cfg, killed, train_batches=step_indexed(), val_batches=no_val, progress=False)
+  (s1, full), (s2, resumed) = _params(str(tmp_path / 'full')), _params(killed)
+  assert s1 == s2 == 6
+  for a, b in zip(full, resumed):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
+  cfg = tiny_config()
+  good = step_indexed()
+
+  def poisoned(start):
+    inner = good(start)
+
+    def gen():
+      k = start
+      while True:
+        x = next(inner)
+        if k == 3:  # The batch of training step 4.
+          x = x.copy()
+          x[0, 0, 0, 0, 0] = np.nan
+        yield x
+        k += 1
+    return gen()
+
+  with pytest.raises(train.NonFiniteError, match='step 4'):
+    train.train_and_evaluate(cfg, str(tmp_path), train_batches=poisoned, val_batches=lambda: iter(()),
+                             progress=False)
+  step, leaves = _params(str(tmp_path))
+  assert step == 2 and all(np.isfinite(a).all() for a in leaves)
+
+
+def test_config_typo_is_a_clear_error(tmp_path):
+  res = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/quickstart.py', '--workdir',
+                        str(tmp_path), '--config.nff=3'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode != 0
+  assert 'nff' in res.stderr
+  with pytest.raises(config_lib.ConfigError, match='unknown config key'):
+    config_lib.validate({**config_lib.default_config(), 'nff': 3})
+
+
+@pytest.mark.parametrize('name,params', [('smmnist', 10_678_284), ('mmnist_deterministic', 10_678_284),
+                                         ('kth', 23_877_854), ('human', 23_880_158), ('bair', 23_847_390)])
+def test_paper_configs_build_the_paper_models(name, params):
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from srvp_jax.model import build_model, param_count  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  model = nnx.eval_shape(lambda: build_model(cfg, 0))
+  assert param_count(model) == params
+  with pytest.raises(AttributeError):
+    cfg.not_a_key = 1  # Locked.
+
+
+def test_short_training_run_lowers_the_loss(tmp_path):
+  """The quick-start setup on the offline digits learns: late losses are well below early ones."""
+  cfg = tiny_config(digits_source='standin', nf=16, nhx=32, ny=8, nz=8, nh_inf=32, nh_res=32, seq_len=8,
+                    nt_cond=3, batch_size=16, lr=1e-3, lr_scheduling_burnin=60, lr_scheduling_n_iter=1,
+                    chkpt_interval=1000, log_interval=1, num_data_workers=2)
+  from srvp_jax import data  # pylint: disable=import-outside-toplevel
+  batches = lambda start: data.train_batches(cfg, batch_size=16, seed=0, start_step=start)
+  train.train_and_evaluate(cfg, str(tmp_path), train_batches=batches, val_batches=lambda: iter(()),
+                           progress=False)
+  with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
+    losses = np.array([r['loss'] for r in map(json.loads, f) if 'loss' in r])
+  assert len(losses) == 61 and np.isfinite(losses).all()
+  # The Gaussian NLL holds a constant (log obs_scale + log(2 pi) / 2 per pixel) no model can remove.
+  floor = cfg.seq_len * 64 * 64 * (np.log(cfg.obs_scale) + 0.5 * np.log(2 * np.pi))
+  early, late = np.mean(losses[:5]) - floor, np.mean(losses[-10:]) - floor
+  assert late < 0.5 * early, (early, late)
