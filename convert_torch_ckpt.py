@@ -61,17 +61,8 @@ def blank_model(cfg):
 
 
 def load_ours(workdir: str, which: str):
-  """(model, cfg, step) of our folder: ``checkpoints.load_model`` without the random initialisation."""
-  cfg = checkpoints.load_config(workdir)
-  sub, step = checkpoints.resolve_step(workdir, which)
-  model = blank_model(cfg)
-  try:
-    tree, _, _ = checkpoints.restore(checkpoints.manager(workdir, sub), step, checkpoints.model_tree(model))
-  except (ValueError, KeyError) as e:
-    raise config_lib.ConfigError(f'checkpoint {workdir}/{sub}/{step} does not match its config: '
-                                 f'{str(e).splitlines()[0]}') from None
-  checkpoints.set_model_tree(model, tree)
-  return model, cfg, step
+  """(model, cfg, step) of our folder (``checkpoints.load_model``, no random initialisation)."""
+  return checkpoints.load_model(workdir, which)
 
 
 def to_ours(checkpoint: str, config_path: str, out: str) -> str:

@@ -115,11 +115,15 @@ def resolve_step(workdir: str, which: str) -> tuple[str, int]:
 
 
 def load_model(workdir: str, which: str = 'best'):
-  """(model, cfg, step) from a checkpoint folder written by training or the converter."""
+  """(model, cfg, step) from a checkpoint folder written by training or the converter.
+
+  The model is built abstractly (``nnx.eval_shape``) and filled from the checkpoint: a real random
+  initialisation would be compiled and run for values that are all overwritten.
+  """
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   cfg = load_config(workdir)
   sub, step = resolve_step(workdir, which)
-  model = build_model(cfg)
+  model = nnx.eval_shape(lambda: build_model(cfg))
   template = model_tree(model)
   try:
     tree, _, _ = restore(manager(workdir, sub), step, template)

@@ -68,6 +68,17 @@ def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cfg
 
 
+def with_overrides(**overrides) -> ml_collections.ConfigDict:
+  """Our defaults with ``overrides`` applied and validated (unknown keys are errors); not locked."""
+  cfg = default_config()
+  unknown = sorted(set(overrides) - set(cfg.keys()))
+  if unknown:
+    raise ConfigError(f'unknown config key(s) {unknown}')
+  cfg.update(overrides)
+  validate(cfg)
+  return cfg
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
   """One-line, actionable errors for configurations the model cannot run."""
   known = set(OFFICIAL_DEFAULTS) | set(EXTRA_DEFAULTS)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -99,7 +100,9 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
     raise CheckpointError(f'checkpoint file not found: {path}')
   import torch  # pylint: disable=import-outside-toplevel
   try:
-    obj = torch.load(path, map_location='cpu', weights_only=True)
+    with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all, on one line.
+      warnings.simplefilter('ignore')
+      obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(f'{path} is not a loadable PyTorch checkpoint: {first}') from None

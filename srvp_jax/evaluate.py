@@ -386,26 +386,9 @@ def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, 
 
 
 def load_model(ckpt_dir: str, which: str):
-  """(model, cfg, step) like checkpoints.load_model, without the random initialisation.
-
-  The model is built abstractly (nnx.eval_shape) and filled from the checkpoint: initialising it for
-  real compiles every initialiser and takes tens of seconds on CPU, for values that are overwritten.
-  """
-  # pylint: disable=import-outside-toplevel
-  from flax import nnx
-
-  from srvp_jax import checkpoints, config
-  from srvp_jax.model import build_model
-  cfg = checkpoints.load_config(ckpt_dir)
-  sub, step = checkpoints.resolve_step(ckpt_dir, which)
-  model = nnx.eval_shape(lambda: build_model(cfg))
-  try:
-    tree, _, _ = checkpoints.restore(checkpoints.manager(ckpt_dir, sub), step, checkpoints.model_tree(model))
-  except (ValueError, KeyError) as e:
-    raise config.ConfigError(f'checkpoint {ckpt_dir}/{sub}/{step} does not match its config: '
-                             f'{str(e).splitlines()[0]}') from None
-  checkpoints.set_model_tree(model, tree)
-  return model, cfg, step
+  """(model, cfg, step) of a checkpoint folder (``checkpoints.load_model``)."""
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  return checkpoints.load_model(ckpt_dir, which)
 
 
 class LpipsOnFrames:

@@ -310,7 +310,10 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   try:
     for step in range(start + 1, n_steps + 1):
       batch = global_batch(next(batches), mesh)
+      previous = last
       state, last = step_fn(state, batch, key)
+      if previous is not None:  # One step in flight: the bar counts finished steps, the host stays ahead.
+        jax.block_until_ready(previous['loss'])
       if step % int(cfg.log_interval) == 0 or step == n_steps:
         metrics = {k: float(v) for k, v in jax.device_get(last).items()}
         if int(jax.device_get(state.bad_step)) >= 0:

@@ -334,8 +334,10 @@ def test_export_and_usage_errors(tmp_path, capsys):
   assert not (tmp_path / 'o').exists()
 
 
-def test_cli_refuses_code_running_checkpoint_without_traceback(tmp_path):
-  xp = make_xp(tmp_path, model_bytes=_evil_torch_bytes(tmp_path))
+@pytest.mark.parametrize('make_bytes', [_evil_torch_bytes, _evil_pickle_bytes])
+def test_cli_refuses_code_running_checkpoint_without_traceback(tmp_path, make_bytes):
+  # A subprocess: stderr as a user sees it (no warning lines from torch.load either).
+  xp = make_xp(tmp_path, model_bytes=make_bytes(tmp_path))
   rc, out, err = run_cli(xp, '--out', str(tmp_path / 'out'))
   assert rc == 2 and out == ''
   assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err

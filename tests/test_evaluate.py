@@ -74,10 +74,7 @@ def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
 
 
 def tiny_config(**overrides):
-  cfg = config_lib.default_config()
-  cfg.update({**TINY, **overrides})
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.with_overrides(**{**TINY, **overrides})
 
 
 @pytest.fixture(scope='module')

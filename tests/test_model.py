@@ -26,10 +26,7 @@ B, T = 2, 6
 
 
 def tiny_config(**overrides):
-  cfg = config_lib.default_config()
-  cfg.update({**TINY, **overrides})
-  config_lib.validate(cfg)
-  return cfg
+  return config_lib.with_overrides(**{**TINY, **overrides})
 
 
 @pytest.fixture(scope='module')
@@ -152,14 +149,14 @@ def n_eqns(jaxpr):
 
 
 def test_program_size_independent_of_number_of_frames(model):
-  graphdef, state = nnx.split(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  def train_loss(state, x, noise):
-    out = nnx.merge(graphdef, state)(x, noise, n_euler_steps=2, train=True)
+  def train_loss(params, rest, x, noise):
+    out = nnx.merge(graphdef, params, rest, copy=True)(x, noise, n_euler_steps=2, train=True)
     return objective.loss_terms(x, out, obs_scale=1.0, beta_y=1.0, beta_z=1.0, l2_res=1.0)['loss']
 
-  def pred(state, x, noise):
-    return nnx.merge(graphdef, state).predict(x, noise, n_euler_steps=2, reconstruct_cond=True).x_pred
+  def pred(params, rest, x, noise):
+    return nnx.merge(graphdef, params, rest).predict(x, noise, n_euler_steps=2, reconstruct_cond=True).x_pred
 
   sizes = {}
   for nt in (6, 12):
@@ -167,8 +164,8 @@ def test_program_size_independent_of_number_of_frames(model):
     noise = jax.eval_shape(lambda: model.sample_train_noise(jax.random.key(0), B, nt))
     pnoise = jax.eval_shape(lambda: model.sample_pred_noise(jax.random.key(0), 3, B, nt // 2, nt))
     xc = jax.ShapeDtypeStruct((B, nt // 2, 64, 64, 1), jnp.float32)
-    sizes[nt] = (n_eqns(jax.make_jaxpr(jax.value_and_grad(train_loss))(state, x, noise).jaxpr),
-                 n_eqns(jax.make_jaxpr(pred)(state, xc, pnoise).jaxpr))
+    sizes[nt] = (n_eqns(jax.make_jaxpr(jax.value_and_grad(train_loss))(params, rest, x, noise).jaxpr),
+                 n_eqns(jax.make_jaxpr(pred)(params, rest, xc, pnoise).jaxpr))
   assert sizes[6] == sizes[12], sizes
   assert sizes[6][0] < 2000, sizes  # Nothing unrolled over frames or Euler steps.
 
@@ -303,8 +300,10 @@ def test_initialisation_follows_the_official_code(model):
   cfg = tiny_config()
   groups = {'conv': [], 'bn_scale': []}
   uniform_checked = 0
+  official = {t.name: layers.ours_to_torch(np.asarray(t.variable[...], np.float64), t.layout)
+              for t in model.torch_tensors()}  # PyTorch layouts: weights (out, in, ...).
   for t in model.torch_tensors():
-    v = np.asarray(t.variable[...], np.float64)
+    v = official[t.name]
     leaf = t.name.rsplit('.', 1)[-1]
     if t.name.startswith(('encoder.', 'decoder.')):
       if t.layout in ('conv', 'conv_transpose'):
@@ -324,10 +323,7 @@ def test_initialisation_follows_the_official_code(model):
         w = v if v.shape[0] >= v.shape[1] else v.T
         np.testing.assert_allclose(w.T @ w, cfg.res_gain**2 * np.eye(w.shape[1]), atol=1e-5, err_msg=t.name)
     else:  # PyTorch defaults: U(+-1/sqrt(fan_in)); the LSTM's fan is its hidden size.
-      fan = cfg.nh_inf if t.name.startswith('inf_z.') else (v.shape[1] if leaf == 'weight' else None)
-      if fan is None:  # A bias: the fan-in of its weight.
-        fan = np.asarray(next(u.variable[...] for u in model.torch_tensors()
-                              if u.name == t.name[:-len('bias')] + 'weight')).shape[0]
+      fan = cfg.nh_inf if t.name.startswith('inf_z.') else official[t.name[:-len(leaf)] + 'weight'].shape[1]
       bound = 1 / math.sqrt(fan)
       assert np.abs(v).max() <= bound, t.name
       if v.size >= 200:

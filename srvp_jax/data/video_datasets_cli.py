@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import sys
 from typing import Callable, Sequence
 
@@ -66,44 +67,28 @@ def make_test_set_human(argv: Sequence[str]) -> int:
   return 0
 
 
-@_one_line_errors
-def download_kth(argv: Sequence[str]) -> int:
-  """Downloads the original KTH videos into DIR/raw/<action>/."""
-  from srvp_jax.data import kth  # pylint: disable=import-outside-toplevel
-  kth.download(_parser('download kth', download_kth.__doc__).parse_args(argv).data_dir)
-  return 0
+def _data_dir_step(step: str, dataset: str, doc: str) -> Handler:
+  """A handler ``--data_dir DIR`` -> ``srvp_jax.data.<dataset>.<step>(DIR)``, with one-line errors."""
+
+  @_one_line_errors
+  def handler(argv: Sequence[str]) -> int:
+    module = importlib.import_module(f'srvp_jax.data.{dataset}')
+    getattr(module, step)(_parser(f'{step} {dataset}', doc).parse_args(argv).data_dir)
+    return 0
+
+  handler.__name__ = handler.__qualname__ = f'{step}_{dataset}'
+  handler.__doc__ = doc
+  return handler
 
 
-@_one_line_errors
-def download_bair(argv: Sequence[str]) -> int:
-  """Downloads and unpacks the BAIR tfrecords into DIR/softmotion30_44k/."""
-  from srvp_jax.data import bair  # pylint: disable=import-outside-toplevel
-  bair.download(_parser('download bair', download_bair.__doc__).parse_args(argv).data_dir)
-  return 0
-
-
-@_one_line_errors
-def convert_kth(argv: Sequence[str]) -> int:
-  """Extracts 64x64 frames at 25 fps of DIR/raw/<action>/*.avi into DIR/processed_64/ (needs ffmpeg)."""
-  from srvp_jax.data import kth  # pylint: disable=import-outside-toplevel
-  kth.convert(_parser('convert kth', convert_kth.__doc__).parse_args(argv).data_dir)
-  return 0
-
-
-@_one_line_errors
-def convert_human(argv: Sequence[str]) -> int:
-  """Crops and resizes DIR/S<n>/Videos/*.mp4 into DIR/train/*.npz and DIR/test/*.npz (needs imageio-ffmpeg)."""
-  from srvp_jax.data import human  # pylint: disable=import-outside-toplevel
-  human.convert(_parser('convert human', convert_human.__doc__).parse_args(argv).data_dir)
-  return 0
-
-
-@_one_line_errors
-def convert_bair(argv: Sequence[str]) -> int:
-  """Writes DIR/processed_data/{train,test}/<record>/<k>/<i>.png from DIR/softmotion30_44k/ (needs TensorFlow)."""
-  from srvp_jax.data import bair  # pylint: disable=import-outside-toplevel
-  bair.convert(_parser('convert bair', convert_bair.__doc__).parse_args(argv).data_dir)
-  return 0
+download_kth = _data_dir_step('download', 'kth', 'Downloads the original KTH videos into DIR/raw/<action>/.')
+download_bair = _data_dir_step('download', 'bair', 'Downloads and unpacks the BAIR tfrecords into DIR/softmotion30_44k/.')
+convert_kth = _data_dir_step('convert', 'kth', 'Extracts 64x64 frames at 25 fps of DIR/raw/<action>/*.avi into '
+                             'DIR/processed_64/ (needs ffmpeg).')
+convert_human = _data_dir_step('convert', 'human', 'Crops and resizes DIR/S<n>/Videos/*.mp4 into DIR/train/*.npz and '
+                               'DIR/test/*.npz (needs imageio-ffmpeg).')
+convert_bair = _data_dir_step('convert', 'bair', 'Writes DIR/processed_data/{train,test}/<record>/<k>/<i>.png from '
+                              'DIR/softmotion30_44k/ (needs TensorFlow).')
 
 
 HANDLERS: dict[str, dict[str, Handler]] = {
