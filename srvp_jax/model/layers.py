@@ -10,6 +10,7 @@ layer is its *compute* dtype: parameters and BatchNorm statistics are always flo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Iterator
@@ -240,9 +241,43 @@ def leaky_relu(x: Array) -> Array:
   return jnp.where(x > 0, x, LEAKY_SLOPE * x)
 
 
+@jax.custom_jvp
+def leaky_relu_branch(x: Array, flip: Array) -> Array:
+  """``leaky_relu(x)`` (same values) whose *derivative* takes the other branch where ``flip`` is True.
+
+  Only for the parity checker (``srvp_jax.parity``): at a pre-activation within float32 rounding of
+  the kink, PyTorch and we may land on different sides, hence different derivative branches.
+  """
+  del flip
+  return leaky_relu(x)
+
+
+@leaky_relu_branch.defjvp
+def _leaky_relu_branch_jvp(primals, tangents):
+  x, flip = primals
+  dx, _ = tangents
+  return leaky_relu(x), jnp.where((x > 0) != flip, dx, LEAKY_SLOPE * dx)
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     'leaky_relu': leaky_relu, 'tanh': jnp.tanh, 'none': lambda x: x,
 }
+
+# Parity-checker hook (``srvp_jax.parity``): when set, ``ConvBlock`` returns ``hook(block, h)`` instead
+# of its activation of the pre-activation ``h``. None in normal use; it is read while tracing, so it
+# adds nothing to compiled programs.
+_ACTIVATION_HOOK: Callable[['ConvBlock', Array], Array] | None = None
+
+
+@contextlib.contextmanager
+def activation_hook(hook: Callable[['ConvBlock', Array], Array]):
+  """Routes every ``ConvBlock`` activation traced inside the ``with`` block through ``hook``."""
+  global _ACTIVATION_HOOK  # pylint: disable=global-statement
+  previous, _ACTIVATION_HOOK = _ACTIVATION_HOOK, hook
+  try:
+    yield
+  finally:
+    _ACTIVATION_HOOK = previous
 
 
 class ConvBlock(nnx.Module):
@@ -258,6 +293,8 @@ class ConvBlock(nnx.Module):
     h = self.conv(x)
     if self.bn is not None:
       h = self.bn(h, train)
+    if _ACTIVATION_HOOK is not None:
+      return _ACTIVATION_HOOK(self, h)
     return ACTIVATIONS[self.activation](h)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
