@@ -64,9 +64,14 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
                                 'not a checkpoint folder (train with launch.py or run convert_torch_ckpt.py)')
 
 
-def manager(workdir: str, which: str = LATEST_DIR, max_to_keep: int | None = 3) -> ocp.CheckpointManager:
-  """An orbax manager over ``workdir/which`` (created on save)."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+def manager(workdir: str, which: str = LATEST_DIR, max_to_keep: int | None = 3,
+            keep_period: int | None = None) -> ocp.CheckpointManager:
+  """An orbax manager over ``workdir/which`` (created on save).
+
+  Keeps the ``max_to_keep`` newest checkpoints, plus, when ``keep_period`` is set, every checkpoint
+  whose step is a multiple of it (periodic checkpoints).
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, keep_period=keep_period or None, create=True)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, which)), options=options)
 
 

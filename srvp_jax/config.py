@@ -36,6 +36,7 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
     init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
     keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
+    keep_period=0,  # Also keep every checkpoint whose step is a multiple of this (0: none; periodic).
     log_interval=50,  # Steps between scalar summaries.
     n_val_videos_gif=4,  # Videos shown in the validation GIF.
     distributed=False,  # Call jax.distributed.initialize() (multi-host).

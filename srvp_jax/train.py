@@ -99,7 +99,7 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
       return terms['loss'], (terms, nnx.state(model, nnx.Not(nnx.Param)))
 
     grads, (terms, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(terms['loss']) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -257,7 +257,7 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   model = build_model(cfg, jax.random.key(int(cfg.seed)))
   tx = tx or make_optimizer(cfg)
   graphdef, state = init_state(model, tx)
-  latest = checkpoints.manager(workdir, checkpoints.LATEST_DIR, int(cfg.keep_checkpoints))
+  latest = checkpoints.manager(workdir, checkpoints.LATEST_DIR, int(cfg.keep_checkpoints), int(cfg.keep_period))
   best = checkpoints.manager(workdir, checkpoints.BEST_DIR, 1)
   best_psnr, start = -math.inf, 0
   if latest.latest_step() is not None:

@@ -214,3 +214,13 @@ def test_short_training_run_lowers_the_loss(tmp_path):
   floor = cfg.seq_len * 64 * 64 * (np.log(cfg.obs_scale) + 0.5 * np.log(2 * np.pi))
   early, late = np.mean(losses[:5]) - floor, np.mean(losses[-10:]) - floor
   assert late < 0.5 * early, (early, late)
+
+
+def test_periodic_checkpoints_are_kept(tmp_path):
+  """keep_checkpoints newest ones, plus every multiple of keep_period."""
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  mngr = checkpoints.manager(str(tmp_path), checkpoints.LATEST_DIR, 2, keep_period=4)
+  for step in range(1, 11):
+    checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step})
+  mngr.wait_until_finished()
+  assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
