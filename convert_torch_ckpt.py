@@ -18,7 +18,6 @@ Conversion is lossless in both directions. Errors are one line on stderr with ex
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -60,11 +59,6 @@ def blank_model(cfg):
   return model
 
 
-def load_ours(workdir: str, which: str):
-  """(model, cfg, step) of our folder (``checkpoints.load_model``, no random initialisation)."""
-  return checkpoints.load_model(workdir, which)
-
-
 def to_ours(checkpoint: str, config_path: str, out: str) -> str:
   """Official ``checkpoint`` + ``config_path`` -> our folder ``out`` (model saved as step 0)."""
   if any(os.path.isdir(os.path.join(out, sub)) for sub in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR)):
@@ -81,12 +75,11 @@ def to_ours(checkpoint: str, config_path: str, out: str) -> str:
 
 def to_torch(workdir: str, which: str, out: str) -> str:
   """Our folder ``workdir`` (checkpoint ``which``) -> official ``out/model.pt`` + ``out/config.json``."""
-  model, cfg, step = load_ours(workdir, which)
+  model, cfg, step = checkpoints.load_model(workdir, which)
   os.makedirs(out, exist_ok=True)
   model_path = os.path.join(out, OFFICIAL_MODEL)
   convert.save_torch_file(convert.state_dict_from_model(model), model_path)
-  with open(os.path.join(out, 'config.json'), 'w', encoding='utf-8') as f:
-    json.dump(config_lib.to_official(cfg), f, indent=1)
+  checkpoints.save_official_config(out, cfg)
   return f'exported {workdir} ({which}, step {step}) -> {model_path} + config.json: {_describe(model, cfg)}'
 
 

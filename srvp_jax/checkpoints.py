@@ -40,7 +40,12 @@ def save_config(workdir: str, cfg: Mapping[str, Any]) -> None:
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
     json.dump(dict(cfg), f, indent=1, sort_keys=True)
-  with open(os.path.join(workdir, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
+  save_official_config(workdir, cfg)
+
+
+def save_official_config(folder: str, cfg: Mapping[str, Any]) -> None:
+  """Writes ``folder/config.json``, the official flat form of ``cfg`` (what the official code reads)."""
+  with open(os.path.join(folder, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
     json.dump(config_lib.to_official(cfg), f, indent=1)
 
 
@@ -50,13 +55,10 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   if os.path.isfile(ours):
     with open(ours, encoding='utf-8') as f:
       data = json.load(f)
-    cfg = config_lib.default_config()
-    unknown = sorted(set(data) - set(cfg.keys()))
-    if unknown:
-      raise config_lib.ConfigError(f'{ours} has unknown key(s) {unknown}')
-    cfg.update(data)
-    config_lib.validate(cfg)
-    return cfg
+    try:
+      return config_lib.with_overrides(**data)
+    except config_lib.ConfigError as e:
+      raise config_lib.ConfigError(f'{ours}: {e}') from None
   official = os.path.join(workdir, OFFICIAL_CONFIG_FILE)
   if os.path.isfile(official):
     return config_lib.load_official_json(official)

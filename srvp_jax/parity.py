@@ -214,6 +214,10 @@ class KinkSearch:
   grads: list[Comparison]  # Gradient comparisons with ``flips`` (or with the best set tried).
   n_tried: int  # Flip sets evaluated.
 
+  def summary(self) -> str:
+    return (f'kink search: {self.n_candidates_found} near-kink candidates (searched {len(self.candidates)}, '
+            f'cap {MAX_CANDIDATES}), {self.n_tried} flip sets tried (greedy, at most {MAX_FLIPS} flips)')
+
 
 def _leaky_blocks(model) -> dict[int, str]:
   """id of every LeakyReLU ConvBlock of ``model`` -> its official name (e.g. 'encoder.conv.2.2')."""
@@ -357,17 +361,13 @@ def run(golden_dirs: list[str], printer: Callable[[str], None] = print, strict: 
               f'the kink, |h| <= {KINK_ULPS} * eps_f32 * max|h| of the layer):')
       for f in search.flips:
         printer(f'flip {f.describe()}')
-      printer(f'kink search: {search.n_candidates_found} near-kink candidates (searched {len(search.candidates)}, '
-              f'cap {MAX_CANDIDATES}), {search.n_tried} flip sets tried (greedy, at most {MAX_FLIPS} flips); '
-              '--strict disables it')
+      printer(f'{search.summary()}; --strict disables it')
       n_bad = 0
     else:
       for c in grads:
         printer(_line('ok' if c.ok else 'FAIL', c))
       if search is not None:
-        printer(f'kink search: {search.n_candidates_found} near-kink candidates (searched {len(search.candidates)}, '
-                f'cap {MAX_CANDIDATES}), {search.n_tried} flip sets tried (greedy, at most {MAX_FLIPS} flips): '
-                'no flip set brings every gradient within tolerance')
+        printer(f'{search.summary()}: no flip set brings every gradient within tolerance')
         for f in search.candidates:
           printer(f'candidate {f.describe()}')
     printer(f'{d}: {n - n_bad}/{n} quantities within tolerance')

@@ -14,6 +14,7 @@ step-indexed, so a run killed at step k and resumed ends where an uninterrupted 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -31,6 +32,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from srvp_jax import checkpoints, objective
 from srvp_jax import config as config_lib
 from srvp_jax.model import SRVP, build_model
+
+
+MEDIA_SAMPLES = 3  # Predicted samples per video in the validation GIF/PNG.
 
 
 class NonFiniteError(FloatingPointError):
@@ -54,8 +58,7 @@ def lr_schedule(lr: float, burnin: int, n_iter: int) -> Callable[[jax.Array], ja
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
   """Adam (betas 0.9, 0.999, eps 1e-8) with the official learning-rate schedule."""
-  sched = lr_schedule(float(cfg['lr']), int(cfg['lr_scheduling_burnin']), int(cfg['lr_scheduling_n_iter']))
-  return optax.adam(sched, b1=0.9, b2=0.999, eps=1e-8)
+  return optax.adam(make_lr(cfg), b1=0.9, b2=0.999, eps=1e-8)
 
 
 def total_steps(cfg: Mapping[str, Any]) -> int:
@@ -115,7 +118,8 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
   return train_step
 
 
-def make_lr(cfg):
+def make_lr(cfg: Mapping[str, Any]) -> Callable[[jax.Array], jax.Array]:
+  """The config's learning-rate schedule."""
   return lr_schedule(float(cfg['lr']), int(cfg['lr_scheduling_burnin']), int(cfg['lr_scheduling_n_iter']))
 
 
@@ -227,6 +231,19 @@ class MetricLog:
 
 # --------------------------------------------------------------------------------------------------
 # The loop.
+def _check_finite(state: TrainState, workdir: str) -> None:
+  """Raises NonFiniteError (with the step) once a step has met a non-finite loss or gradient."""
+  bad = int(jax.device_get(state.bad_step))
+  if bad >= 0:
+    raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, the last good '
+                         f'checkpoint in {workdir} is kept (lower lr, check the data)')
+
+
+def _host_model_tree(graphdef, state: TrainState) -> dict:
+  """The model variables of ``state`` as a pure dict of host arrays (what checkpoints store)."""
+  return checkpoints.model_tree(jax.device_get(nnx.merge(graphdef, state.params, state.batch_stats, copy=True)))
+
+
 def _load_init_from(model: SRVP, path: str) -> None:
   """Initialises ``model`` from a checkpoint folder (ours or converted) to fine-tune it."""
   src, _, step = checkpoints.load_model(path, 'best')
@@ -293,12 +310,8 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
                               n_batches=int(cfg.n_iter_test))
 
   def save_latest(step: int) -> None:
-    bad = int(jax.device_get(state.bad_step))
-    if bad >= 0:
-      raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, the last good '
-                           f'checkpoint in {workdir} is kept (lower lr, check the data)')
-    model_tree = jax.device_get(nnx.merge(graphdef, state.params, state.batch_stats, copy=True))
-    checkpoints.save(latest, step, checkpoints.model_tree(model_tree), {'step': step, 'best_val_psnr': best_psnr},
+    _check_finite(state, workdir)
+    checkpoints.save(latest, step, _host_model_tree(graphdef, state), {'step': step, 'best_val_psnr': best_psnr},
                      jax.device_get(state.opt_state))
 
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
@@ -316,9 +329,7 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
         jax.block_until_ready(previous['loss'])
       if step % int(cfg.log_interval) == 0 or step == n_steps:
         metrics = {k: float(v) for k, v in jax.device_get(last).items()}
-        if int(jax.device_get(state.bad_step)) >= 0:
-          raise NonFiniteError(f'non-finite loss or gradient at step {int(state.bad_step)}; training stopped, '
-                               f'the last good checkpoint in {workdir} is kept (lower lr, check the data)')
+        _check_finite(state, workdir)
         metrics['steps_per_s'] = int(cfg.log_interval) / max(time.time() - t0, 1e-9)
         t0 = time.time()
         log.write(step, metrics)
@@ -329,9 +340,8 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
         log.write(step, {'val_psnr': val_psnr})
         if val_psnr > best_psnr:
           best_psnr = val_psnr
-          model_tree = jax.device_get(nnx.merge(graphdef, state.params, state.batch_stats, copy=True))
           if int(jax.device_get(state.bad_step)) < 0:
-            checkpoints.save(best, step, checkpoints.model_tree(model_tree), {'step': step, 'val_psnr': val_psnr})
+            checkpoints.save(best, step, _host_model_tree(graphdef, state), {'step': step, 'val_psnr': val_psnr})
       if step % ckpt_every == 0 or step == n_steps:
         save_latest(step)
       bar.update(1)
@@ -361,6 +371,13 @@ def validate(val_fn, state: TrainState, batches: Iterator[np.ndarray], key, mesh
   return total / max(n, 1)
 
 
+@functools.partial(jax.jit, static_argnames=('nt_pred', 'n_euler_steps'))
+def _media_predict(model: SRVP, x_cond: jax.Array, key: jax.Array, *, nt_pred: int, n_euler_steps: int):
+  """MEDIA_SAMPLES predictions of every video (compiled once per run, not once per validation)."""
+  noise = model.sample_pred_noise(key, MEDIA_SAMPLES, x_cond.shape[0], x_cond.shape[1], nt_pred)
+  return model.predict(x_cond, noise, n_euler_steps=n_euler_steps)
+
+
 def write_validation_media(graphdef, state: TrainState, x: np.ndarray, cfg, workdir: str, step: int) -> None:
   """A GIF/PNG of conditioning frames, ground truth and a few predicted samples."""
   from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
@@ -368,11 +385,10 @@ def write_validation_media(graphdef, state: TrainState, x: np.ndarray, cfg, work
   n_videos = min(int(cfg.n_val_videos_gif), len(x))
   model = nnx.merge(graphdef, jax.device_get(state.params), jax.device_get(state.batch_stats), copy=True)
   x = x[:n_videos]
-  noise = model.sample_pred_noise(jax.random.key(step), 3, n_videos, nt_cond, x.shape[1] - nt_cond)
-  pred = jax.jit(lambda m, xc, nz: m.predict(xc, nz, n_euler_steps=int(cfg.n_euler_steps)))(model, x[:, :nt_cond],
-                                                                                            noise)
-  samples = (np.clip(np.asarray(pred.x_pred, np.float32), 0., 1.) * 255.).astype(np.uint8)  # (S, B, nt_pred, ...)
-  videos = (np.clip(np.asarray(x, np.float32), 0., 1.) * 255.).astype(np.uint8)
+  pred = _media_predict(model, x[:, :nt_cond], jax.random.key(step), nt_pred=x.shape[1] - nt_cond,
+                        n_euler_steps=int(cfg.n_euler_steps))
+  to_uint8 = lambda a: (np.clip(np.asarray(a, np.float32), 0., 1.) * 255.).astype(np.uint8)
+  samples, videos = to_uint8(pred.x_pred), to_uint8(x)  # (S, B, nt_pred, H, W, C), (B, T, H, W, C)
   out = os.path.join(workdir, 'samples')
   os.makedirs(out, exist_ok=True)
   preds = {f'sample {i + 1}': samples[i] for i in range(len(samples))}

@@ -151,7 +151,7 @@ def test_cli_round_trip_on_official_checkpoint(tmp_path):
   assert step == 0
   assert_same_state_dict(convert.state_dict_from_model(model), ref)
   for which in ('best', '0'):  # The same loader without the (slow, eager) random initialisation.
-    model, cfg, step = convert_torch_ckpt.load_ours(ours_dir, which)
+    model, cfg, step = checkpoints.load_model(ours_dir, which)
     assert step == 0
     assert_same_state_dict(convert.state_dict_from_model(model), ref)
   official = golden_official_config()
