@@ -34,6 +34,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 # Options of ours, with their defaults.
 EXTRA_DEFAULTS: dict[str, Any] = dict(
     compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
+    param_dtype='float32',  # Parameters, statistics, accumulations: 'float32' ('float64': reference replay, x64).
     init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
     keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
     keep_period=0,  # Also keep every checkpoint whose step is a multiple of this (0: none; periodic).
@@ -100,6 +101,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
       raise ConfigError(f'{key}={cfg[key]}: an MLP needs at least 2 layers')
   if cfg['compute_dtype'] not in ('float32', 'bfloat16'):
     raise ConfigError(f"compute_dtype={cfg['compute_dtype']!r}: expected 'float32' or 'bfloat16'")
+  if cfg['param_dtype'] not in ('float32', 'float64'):
+    raise ConfigError(f"param_dtype={cfg['param_dtype']!r}: expected 'float32' or 'float64' (float64 needs "
+                      'jax_enable_x64)')
   if cfg['dataset'] not in DATASETS:
     raise ConfigError(f"unknown dataset={cfg['dataset']!r}; expected one of {DATASETS}")
   if cfg['seq_len'] < cfg['nt_inf']:

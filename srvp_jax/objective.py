@@ -1,6 +1,7 @@
 """The training objective of SPEC section 4: NLL + beta_y KL_y + beta_z KL_z + l2_res L2.
 
-Everything is computed in float32 whatever the model's compute dtype, and averaged over the batch.
+Everything is computed in the model's parameter dtype (float32, or float64 for the reference replay)
+whatever its compute dtype, and averaged over the batch.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from srvp_jax.model.srvp import Latents, gaussian
+from srvp_jax.model.srvp import Latents, acc_dtype, gaussian
 
 Array = jax.Array
 
 
 def gaussian_nll(x: Array, mean: Array, scale: float) -> Array:
   """-log N(x | mean, scale^2) per element, constants included (the logged values need them)."""
-  d = (x.astype(jnp.float32) - mean.astype(jnp.float32)) / scale
+  dtype = acc_dtype(mean)
+  d = (x.astype(dtype) - mean.astype(dtype)) / scale
   return 0.5 * jnp.square(d) + math.log(scale) + 0.5 * math.log(2 * math.pi)
 
 

@@ -294,6 +294,27 @@ def test_bfloat16_compute_keeps_float32_state_and_is_close(model, video):
   assert np.dot(g16, g32) / (np.linalg.norm(g16) * np.linalg.norm(g32)) > 0.95
 
 
+def test_float64_parameter_dtype_runs_everything_in_float64(model, video):
+  with pytest.raises(ValueError, match='jax_enable_x64'):
+    build_model(tiny_config(param_dtype='float64'))
+  with jax.enable_x64(True):
+    m64 = nnx.eval_shape(lambda: build_model(tiny_config(param_dtype='float64')))
+    nnx.update(m64, jax.tree.map(lambda a: a.astype(jnp.float64) if a.dtype == jnp.float32 else a,
+                                 nnx.state(model)))
+    for leaf in jax.tree.leaves(nnx.state(m64)):
+      assert leaf.dtype in (jnp.float64, jnp.int32)
+    x64 = jnp.asarray(video, jnp.float64)
+    noise = m64.sample_train_noise(jax.random.key(10), B, T)
+    assert noise.eps_y0.dtype == noise.eps_z.dtype == jnp.float64
+    out64, _ = forward(m64, x64, noise, n_euler_steps=2)
+    terms = objective.loss_terms(x64, out64, obs_scale=1.0, beta_y=1.0, beta_z=1.0, l2_res=1.0)
+    for leaf in jax.tree.leaves(out64) + jax.tree.leaves(terms):
+      assert leaf.dtype == jnp.float64
+    noise32 = jax.tree.map(lambda a: a.astype(jnp.float32) if a.dtype == jnp.float64 else a, noise)
+  out32, _ = forward(model, video, noise32, n_euler_steps=2)  # Same parameters and noise in float32.
+  np.testing.assert_allclose(out64.x_rec, out32.x_rec, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Initialisation (SPEC section 3).
 def test_initialisation_follows_the_official_code(model):

@@ -11,9 +11,10 @@ from flax import nnx
 from srvp_jax.model.srvp import SRVP, Latents, PredNoise, Prediction, TrainNoise, gaussian, param_count, rsample
 
 __all__ = ['SRVP', 'Latents', 'PredNoise', 'Prediction', 'TrainNoise', 'build_model', 'gaussian', 'param_count',
-           'rsample', 'COMPUTE_DTYPES']
+           'rsample', 'COMPUTE_DTYPES', 'PARAM_DTYPES']
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+PARAM_DTYPES = {'float32': jnp.float32, 'float64': jnp.float64}
 
 
 def init_key(key: jax.Array | int) -> jax.Array:
@@ -30,11 +31,21 @@ def init_key(key: jax.Array | int) -> jax.Array:
 
 
 def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
-  """An SRVP model initialised as the official code does (SPEC section 3), from a config."""
+  """An SRVP model initialised as the official code does (SPEC section 3), from a config.
+
+  ``param_dtype`` 'float64' (parameters, statistics and accumulations in float64: the reference
+  replay of ``srvp_jax.parity``) needs ``jax_enable_x64``.
+  """
   from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   key = init_key(key)
   dtype = COMPUTE_DTYPES[cfg.get('compute_dtype', 'float32')]
-  kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype)
+  param_dtype = PARAM_DTYPES[cfg.get('param_dtype', 'float32')]
+  if param_dtype == jnp.float64:
+    if not jax.config.read('jax_enable_x64'):
+      raise ValueError("param_dtype='float64' needs 64-bit JAX: enable jax_enable_x64 (e.g. `with jax.enable_x64():`)")
+    dtype = jnp.float64  # A float64 model computes in float64 throughout.
+  kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype,
+                param_dtype=param_dtype)
   make = lambda k: SRVP(**kwargs, rngs=nnx.Rngs(params=k))
   # One compiled initialiser: eager construction compiles each layer's initialiser separately,
   # which takes over a minute on a CPU.

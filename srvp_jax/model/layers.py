@@ -4,13 +4,14 @@ Every layer that holds weights also knows the names and layouts of its tensors i
 ``state_dict`` (``torch_tensors``), so that conversion in both directions is a walk over the model,
 not a hand-written table that can drift from the architecture.
 
-Layouts: activations are NHWC; conv kernels HWIO; dense kernels (in, out). The dtype given to a
-layer is its *compute* dtype: parameters and BatchNorm statistics are always float32.
+Layouts: activations are NHWC; conv kernels HWIO; dense kernels (in, out). Each layer takes two
+dtypes: ``dtype``, the *compute* dtype of its convolutions and matrix products (float32, or bfloat16
+for mixed precision), and ``param_dtype``, the dtype of its parameters, BatchNorm statistics and of
+every accumulation (float32; float64 under ``jax_enable_x64`` for the reference replay).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from typing import Callable, Iterator
@@ -81,10 +82,11 @@ def normal(mean: float, std: float) -> Callable:
 class Linear(nnx.Module):
   """``torch.nn.Linear`` (weight and bias ~ U(+-1/sqrt(fan_in)) unless told otherwise)."""
 
-  def __init__(self, n_in: int, n_out: int, *, dtype: Dtype = jnp.float32, kernel_init: Callable | None = None,
-               bias_init: Callable | None = None, init_bound_fan: int | None = None, rngs: nnx.Rngs):
+  def __init__(self, n_in: int, n_out: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               kernel_init: Callable | None = None, bias_init: Callable | None = None,
+               init_bound_fan: int | None = None, rngs: nnx.Rngs):
     default = torch_uniform(init_bound_fan or n_in)
-    self.dense = nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init or default,
+    self.dense = nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init or default,
                             bias_init=bias_init or default, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
@@ -103,10 +105,11 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, n_in: int, n_hid: int, n_out: int, n_layers: int, *, dtype: Dtype = jnp.float32,
-               kernel_init: Callable | None = None, bias_init: Callable | None = None, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, kernel_init: Callable | None = None,
+               bias_init: Callable | None = None, rngs: nnx.Rngs):
     sizes = [n_in] + [n_hid] * (n_layers - 1) + [n_out]
     self.layers = nnx.List([
-        Linear(a, b, dtype=dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        Linear(a, b, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
         for a, b in zip(sizes[:-1], sizes[1:])
     ])
 
@@ -123,25 +126,28 @@ class MLP(nnx.Module):
 class LSTM(nnx.Module):
   """One-layer ``torch.nn.LSTM`` (gate order i, f, g, o; two biases) run with ``lax.scan``."""
 
-  def __init__(self, n_in: int, n_hid: int, *, dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
-    self.n_hid = n_hid
-    self.ih = Linear(n_in, 4 * n_hid, dtype=dtype, init_bound_fan=n_hid, rngs=rngs)
-    self.hh = Linear(n_hid, 4 * n_hid, dtype=dtype, init_bound_fan=n_hid, rngs=rngs)
+  def __init__(self, n_in: int, n_hid: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+               rngs: nnx.Rngs):
+    self.n_hid, self.param_dtype = n_hid, param_dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, init_bound_fan=n_hid, rngs=rngs)
+    self.ih = Linear(n_in, 4 * n_hid, **kw)
+    self.hh = Linear(n_hid, 4 * n_hid, **kw)
 
   def __call__(self, x: Array) -> Array:
-    """x: (B, T, n_in) -> outputs (B, T, n_hid) in float32."""
+    """x: (B, T, n_in) -> outputs (B, T, n_hid) in the parameter dtype."""
     batch = x.shape[0]
-    gates_x = self.ih(x).astype(jnp.float32)  # All input projections in one matmul.
+    acc = self.param_dtype
+    gates_x = self.ih(x).astype(acc)  # All input projections in one matmul.
 
     def step(carry, gx):
       h, c = carry
-      gates = gx + self.hh(h).astype(jnp.float32)
+      gates = gx + self.hh(h).astype(acc)
       i, f, g, o = jnp.split(gates, 4, axis=-1)
       c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
       h = jax.nn.sigmoid(o) * jnp.tanh(c)
       return (h, c), h
 
-    zeros = jnp.zeros((batch, self.n_hid), jnp.float32)
+    zeros = jnp.zeros((batch, self.n_hid), acc)
     _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1))
     return jnp.swapaxes(hs, 0, 1)
 
@@ -156,25 +162,25 @@ class BatchNorm(nnx.Module):
   """``torch.nn.BatchNorm2d`` (affine, eps 1e-5, momentum 0.1) on NHWC inputs.
 
   Training mode normalises with the biased batch variance but updates the running variance with
-  the *unbiased* one, as PyTorch does. Statistics are computed in float32 whatever the input
-  dtype; under ``jax.jit`` with a batch-sharded input the means are over the global batch
+  the *unbiased* one, as PyTorch does. Statistics are computed in the parameter dtype whatever the
+  input dtype; under ``jax.jit`` with a batch-sharded input the means are over the global batch
   (SyncBatchNorm semantics).
   """
 
-  def __init__(self, n: int, *, rngs: nnx.Rngs):
-    self.scale = nnx.Param(normal(1.0, 0.02)(rngs.params(), (n,)))
-    self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
-    self.mean = nnx.BatchStat(jnp.zeros((n,), jnp.float32))
-    self.var = nnx.BatchStat(jnp.ones((n,), jnp.float32))
+  def __init__(self, n: int, *, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.scale = nnx.Param(normal(1.0, 0.02)(rngs.params(), (n,), param_dtype))
+    self.bias = nnx.Param(jnp.zeros((n,), param_dtype))
+    self.mean = nnx.BatchStat(jnp.zeros((n,), param_dtype))
+    self.var = nnx.BatchStat(jnp.ones((n,), param_dtype))
     self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))  # num_batches_tracked.
 
   def __call__(self, x: Array, train: bool) -> Array:
     dtype = x.dtype
-    x32 = x.astype(jnp.float32)
+    xf = x.astype(self.scale.dtype)
     axes = tuple(range(x.ndim - 1))
     if train:
-      mean = jnp.mean(x32, axes)
-      var = jnp.mean(jnp.square(x32 - mean), axes)
+      mean = jnp.mean(xf, axes)
+      var = jnp.mean(jnp.square(xf - mean), axes)
       n = math.prod(x.shape[:-1])
       unbiased = var * (n / max(n - 1, 1))
       self.mean[...] = (1 - BN_MOMENTUM) * self.mean[...] + BN_MOMENTUM * mean
@@ -182,11 +188,10 @@ class BatchNorm(nnx.Module):
       self.count[...] = self.count[...] + 1
     else:
       mean, var = self.mean[...], self.var[...]
-    # PyTorch's CPU kernel form: x * alpha + beta (same rounding, so the signs of near-zero
-    # pre-activations, and hence LeakyReLU derivatives, agree with the official code).
+    # PyTorch's CPU kernel form: x * alpha + beta.
     alpha = jax.lax.rsqrt(var + BN_EPS) * self.scale[...]
     beta = self.bias[...] - mean * alpha
-    return (x32 * alpha + beta).astype(dtype)
+    return (xf * alpha + beta).astype(dtype)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
     yield TorchTensor(f'{prefix}weight', self.scale, 'same')
@@ -200,9 +205,9 @@ class Conv2d(nnx.Module):
   """``torch.nn.Conv2d`` without bias (cross-correlation, symmetric zero padding)."""
 
   def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, padding: int, *, dtype: Dtype,
-               rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.conv = nnx.Conv(n_in, n_out, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
-                         use_bias=False, dtype=dtype, param_dtype=jnp.float32, kernel_init=normal(0.0, 0.02),
+                         use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(0.0, 0.02),
                          rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
@@ -222,8 +227,8 @@ class ConvTranspose2d(nnx.Module):
   """
 
   def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, padding: int, *, dtype: Dtype,
-               rngs: nnx.Rngs):
-    self.kernel = nnx.Param(normal(0.0, 0.02)(rngs.params(), (kernel, kernel, n_in, n_out)))
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(normal(0.0, 0.02)(rngs.params(), (kernel, kernel, n_in, n_out), param_dtype))
     self.stride, self.pad, self.dtype = stride, kernel - 1 - padding, dtype
 
   def __call__(self, x: Array) -> Array:
@@ -241,61 +246,20 @@ def leaky_relu(x: Array) -> Array:
   return jnp.where(x > 0, x, LEAKY_SLOPE * x)
 
 
-@jax.custom_jvp
-def leaky_relu_branch(x: Array, flip: Array) -> Array:
-  """``leaky_relu(x)`` (same values) whose *derivative* takes the other branch where ``flip`` is True.
-
-  Only for the parity checker (``srvp_jax.parity``): at a pre-activation within float32 rounding of
-  the kink, PyTorch and we may land on different sides, hence different derivative branches.
-  """
-  del flip
-  return leaky_relu(x)
-
-
-@leaky_relu_branch.defjvp
-def _leaky_relu_branch_jvp(primals, tangents):
-  x, flip = primals
-  dx, _ = tangents
-  return leaky_relu(x), jnp.where((x > 0) != flip, dx, LEAKY_SLOPE * dx)
-
-
-ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    'leaky_relu': leaky_relu, 'tanh': jnp.tanh, 'none': lambda x: x,
-}
-
-# Parity-checker hook (``srvp_jax.parity``): when set, ``ConvBlock`` returns ``hook(block, h)`` instead
-# of its activation of the pre-activation ``h``. None in normal use; it is read while tracing, so it
-# adds nothing to compiled programs.
-_ACTIVATION_HOOK: Callable[['ConvBlock', Array], Array] | None = None
-
-
-@contextlib.contextmanager
-def activation_hook(hook: Callable[['ConvBlock', Array], Array]):
-  """Routes every ``ConvBlock`` activation traced inside the ``with`` block through ``hook``."""
-  global _ACTIVATION_HOOK  # pylint: disable=global-statement
-  previous, _ACTIVATION_HOOK = _ACTIVATION_HOOK, hook
-  try:
-    yield
-  finally:
-    _ACTIVATION_HOOK = previous
-
-
 class ConvBlock(nnx.Module):
   """Official ``make_conv_block``: conv -> [BatchNorm] -> activation (names ``.0`` conv, ``.1`` BN)."""
 
-  def __init__(self, conv: Conv2d | ConvTranspose2d, n_out: int, activation: str, *, batch_norm: bool = True,
-               rngs: nnx.Rngs):
+  def __init__(self, conv: Conv2d | ConvTranspose2d, n_out: int, activation: Callable[[Array], Array], *,
+               batch_norm: bool = True, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     self.conv = conv
-    self.bn = BatchNorm(n_out, rngs=rngs) if batch_norm else None
+    self.bn = BatchNorm(n_out, param_dtype=param_dtype, rngs=rngs) if batch_norm else None
     self.activation = activation
 
   def __call__(self, x: Array, train: bool) -> Array:
     h = self.conv(x)
     if self.bn is not None:
       h = self.bn(h, train)
-    if _ACTIVATION_HOOK is not None:
-      return _ACTIVATION_HOOK(self, h)
-    return ACTIVATIONS[self.activation](h)
+    return self.activation(h)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
     yield from self.conv.torch_tensors(f'{prefix}0.')

@@ -27,9 +27,14 @@ from srvp_jax.model.layers import LSTM, MLP, Linear, TorchTensor
 Array = jax.Array
 
 
+def acc_dtype(x: Array) -> jnp.dtype:
+  """The accumulation dtype for ``x``: float32 for float32 and narrower floats, float64 for float64."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 def gaussian(params: Array) -> tuple[Array, Array]:
   """(mean, std) of a Gaussian from raw parameters: mean half, std = softplus(raw half) + 1e-8."""
-  params = params.astype(jnp.float32)
+  params = params.astype(acc_dtype(params))
   mean, raw = jnp.split(params, 2, axis=-1)
   return mean, jax.nn.softplus(raw) + 1e-8
 
@@ -68,7 +73,7 @@ class PredNoise:
 
 
 class Latents(NamedTuple):
-  """What a forward pass infers, everything the loss needs (batch-major, float32)."""
+  """What a forward pass infers, everything the loss needs (batch-major, parameter dtype)."""
   x_rec: Array  # (B, T, H, W, C) decoded frames.
   y: Array  # (B, T, ny) states at integer times.
   z: Array  # (B, T-1, nz).
@@ -91,12 +96,16 @@ class SRVP(nnx.Module):
 
   def __init__(self, *, nx: int = 64, nc: int, nf: int, nhx: int, ny: int, nz: int, skipco: bool, nt_inf: int,
                nh_inf: int, nlayers_inf: int, nh_res: int, nlayers_res: int, archi: str, res_gain: float = 1.41,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    """``dtype``: compute dtype of convolutions and matrix products; ``param_dtype``: parameters,
+    BatchNorm statistics, latent states, noise and every accumulation (float32, or float64 under
+    ``jax_enable_x64``)."""
     if nx != 64:
       raise ValueError(f'nx={nx}: the official encoders and decoders are for 64x64 frames')
     self.nc, self.ny, self.nz, self.nhx = nc, ny, nz, nhx
     self.nt_inf, self.nh_inf, self.skipco = nt_inf, nh_inf, skipco
-    kw = dict(dtype=dtype, rngs=rngs)
+    self.param_dtype = param_dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.encoder = Encoder(archi, nc, nhx, nf, **kw)
     self.decoder = Decoder(archi, nc, nh_inf + ny, nf, skipco, **kw)
     self.w_proj = Linear(nhx, nh_inf, **kw)
@@ -121,17 +130,17 @@ class SRVP(nnx.Module):
 
   def infer_w(self, hx_w: Array) -> Array:
     """Content variable from the encodings (B, nt_inf, nhx) of the chosen frames."""
-    h = jax.nn.relu(self.w_proj(hx_w)).astype(jnp.float32).sum(axis=1)
-    return jnp.tanh(self.w_inf(h)).astype(jnp.float32)
+    h = jax.nn.relu(self.w_proj(hx_w)).astype(self.param_dtype).sum(axis=1)
+    return jnp.tanh(self.w_inf(h)).astype(self.param_dtype)
 
   def infer_y0(self, hx: Array) -> Array:
     """Raw Gaussian parameters of q(y_1) from the encodings of the first nt_inf frames."""
     b = hx.shape[0]
-    return self.q_y(hx[:, :self.nt_inf].reshape(b, self.nt_inf * self.nhx)).astype(jnp.float32)
+    return self.q_y(hx[:, :self.nt_inf].reshape(b, self.nt_inf * self.nhx)).astype(self.param_dtype)
 
   def posterior_params(self, hx: Array) -> Array:
     """Raw parameters of q(z_t), t = 1..T-1: the LSTM over all given frames, then q_z."""
-    return self.q_z(self.inf_z(hx)[:, 1:]).astype(jnp.float32)
+    return self.q_z(self.inf_z(hx)[:, 1:]).astype(self.param_dtype)
 
   def decode(self, w: Array, y: Array, skips: list[Array] | None, train: bool) -> Array:
     """Frames (B, T', H, W, C) from w (B, nh_inf), states y (B, T', ny) and per-video skips."""
@@ -156,18 +165,18 @@ class SRVP(nnx.Module):
     dt = 1.0 / n_euler_steps
 
     def euler(y, z):
-      res = dt * self.dynamics(jnp.concatenate([y, z], axis=-1)).astype(jnp.float32)
+      res = dt * self.dynamics(jnp.concatenate([y, z], axis=-1)).astype(self.param_dtype)
       return y + res, res
 
     def frame(y, inputs):
       eps_t, q_t = inputs
-      p_t = self.p_z(y).astype(jnp.float32)
+      p_t = self.p_z(y).astype(self.param_dtype)
       z = rsample(p_t if q_t is None else q_t, eps_t)
       y, res = jax.lax.scan(lambda yy, _: euler(yy, z), y, None, length=n_euler_steps)
       return y, (y, z, p_t, res)
 
     xs = (jnp.swapaxes(eps, 0, 1), None if q_params is None else jnp.swapaxes(q_params, 0, 1))
-    _, (ys, zs, ps, res) = jax.lax.scan(frame, y0.astype(jnp.float32), xs)
+    _, (ys, zs, ps, res) = jax.lax.scan(frame, y0.astype(self.param_dtype), xs)
     k, b = ys.shape[:2]
     res = jnp.moveaxis(res, 2, 0).reshape(b, k * n_euler_steps, -1)  # (K, n, B, ny) -> (B, K n, ny)
     return jnp.swapaxes(ys, 0, 1), jnp.swapaxes(zs, 0, 1), jnp.swapaxes(ps, 0, 1), res
@@ -179,8 +188,8 @@ class SRVP(nnx.Module):
     (uniform among the nt frames) and one frame per video for the skips."""
     k_y, k_z, k_w, k_s = jax.random.split(key, 4)
     return TrainNoise(
-        eps_y0=jax.random.normal(k_y, (batch, self.ny)),
-        eps_z=jax.random.normal(k_z, (batch, nt - 1, self.nz)),
+        eps_y0=jax.random.normal(k_y, (batch, self.ny), self.param_dtype),
+        eps_z=jax.random.normal(k_z, (batch, nt - 1, self.nz), self.param_dtype),
         w_frames=jnp.argsort(jax.random.uniform(k_w, (batch, nt)), axis=1)[:, :self.nt_inf].astype(jnp.int32),
         skip_frame=jax.random.randint(k_s, (batch,), 0, nt, dtype=jnp.int32),
     )
@@ -214,9 +223,9 @@ class SRVP(nnx.Module):
   def sample_pred_noise(self, key: Array, n_samples: int, batch: int, nt_cond: int, nt_pred: int) -> PredNoise:
     k_y, k_post, k_prior = jax.random.split(key, 3)
     return PredNoise(
-        eps_y0=jax.random.normal(k_y, (n_samples, batch, self.ny)),
-        eps_z_post=jax.random.normal(k_post, (n_samples, batch, nt_cond - 1, self.nz)),
-        eps_z_prior=jax.random.normal(k_prior, (n_samples, batch, nt_pred, self.nz)),
+        eps_y0=jax.random.normal(k_y, (n_samples, batch, self.ny), self.param_dtype),
+        eps_z_post=jax.random.normal(k_post, (n_samples, batch, nt_cond - 1, self.nz), self.param_dtype),
+        eps_z_prior=jax.random.normal(k_prior, (n_samples, batch, nt_pred, self.nz), self.param_dtype),
     )
 
   def predict(self, x_cond: Array, noise: PredNoise, *, n_euler_steps: int = 1,
