@@ -362,3 +362,48 @@ def test_initialisation_follows_the_official_code(model):
   assert all(np.array_equal(a, b) for a, b in zip(params(model), params(build_model(cfg, jax.random.key(0)))))
   assert not any(np.array_equal(a, b) for a, b in zip(params(model), params(build_model(cfg, jax.random.key(1))))
                  if np.asarray(a).std() > 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layer formulations (the fast forms equal the definition; float64, every branch of each layer).
+@pytest.mark.parametrize('n_in,n_out,kernel,stride,padding,size', [
+    (16, 8, 4, 2, 1, 4),  # Phase decomposition (the DCGAN decoder's strided layers).
+    (6, 8, 4, 2, 1, 5),  # Phases, odd input size.
+    (8, 16, 5, 3, 1, 3),  # Phases, stride 3 and a 5x5 kernel.
+    (8, 3, 4, 2, 1, 4),  # Too few outputs: the lhs-dilated definition.
+    (8, 16, 3, 2, 1, 4),  # Output size not a multiple of the stride: the definition.
+    (10, 16, 4, 1, 0, 1),  # 1x1 input without padding (the decoders' first layer): a matrix product.
+    (8, 3, 3, 1, 1, 6),  # Stride 1 (the VGG decoder's last layer).
+])
+def test_conv_transpose_equals_torch_definition(n_in, n_out, kernel, stride, padding, size):
+  torch = pytest.importorskip('torch')
+  with jax.enable_x64(True):
+    layer = layers.ConvTranspose2d(n_in, n_out, kernel, stride, padding, dtype=jnp.float64, param_dtype=jnp.float64,
+                                   rngs=nnx.Rngs(0))
+    x = np.random.RandomState(0).randn(2, size, size, n_in)
+    ours = np.asarray(layer(jnp.asarray(x)))
+    ref_layer = torch.nn.ConvTranspose2d(n_in, n_out, kernel, stride, padding, bias=False).double()
+    ref_layer.weight.data = torch.from_numpy(layers.ours_to_torch(np.asarray(layer.kernel[...]), 'conv_transpose').copy())
+    ref = ref_layer(torch.from_numpy(x.transpose(0, 3, 1, 2))).detach().numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-13)
+    # The gradients agree with those of the definition (the lhs-dilated convolution).
+    def definition(x, w):
+      pad = kernel - 1 - padding
+      return jax.lax.conv_general_dilated(x, w[::-1, ::-1], (1, 1), ((pad, pad),) * 2, lhs_dilation=(stride, stride),
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    graphdef, state = nnx.split(layer)
+    def ours_fn(x, w):
+      return nnx.merge(graphdef, jax.tree.map(lambda _: w, state))(x)
+    grads = [jax.grad(lambda x, w, f=fn: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(jnp.asarray(x), layer.kernel[...])
+             for fn in (ours_fn, definition)]
+    for a, b in zip(*grads):
+      np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+
+
+def test_conv_covering_its_input_is_a_matrix_product():
+  with jax.enable_x64(True):
+    layer = layers.Conv2d(8, 5, 4, 1, 0, dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 4, 4, 8), jnp.float64)
+    out = layer(x)
+    assert out.shape == (3, 1, 1, 5)
+    np.testing.assert_allclose(out, layer.conv(x), rtol=0, atol=1e-13)
