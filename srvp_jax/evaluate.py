@@ -189,14 +189,14 @@ def default_sample_chunk(cfg: Mapping[str, Any], batch_size: int, nt_pred: int, 
   return int(np.clip(frames // (batch_size * nt_pred), 1, n_samples))
 
 
-def _noise_keys(base_key, video_ids, sample_ids):
+def noise_keys(base_key, video_ids, sample_ids):
   """(K, B) keys: key(seed) -> fold_in(video index) -> fold_in(sample index)."""
   import jax  # pylint: disable=import-outside-toplevel
   per_video = jax.vmap(lambda v: jax.random.fold_in(base_key, v))(video_ids)
   return jax.vmap(lambda s: jax.vmap(lambda k: jax.random.fold_in(k, s))(per_video))(sample_ids)
 
 
-def _noise(model, keys, nt_cond, nt_pred):
+def sample_noise(model, keys, nt_cond, nt_pred):
   """PredNoise with (K, B, ...) fields, each (sample, video) drawn from its own key."""
   import jax  # pylint: disable=import-outside-toplevel
 
@@ -230,7 +230,7 @@ def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, metrics
 
   def fn(state, base_key, x_cond, x_target, video_ids, sample_ids, n_samples):
     model = nnx.merge(graphdef, state)
-    noise = _noise(model, _noise_keys(base_key, video_ids, sample_ids), nt_cond, nt_pred)
+    noise = sample_noise(model, noise_keys(base_key, video_ids, sample_ids), nt_cond, nt_pred)
     x_pred = model.predict(x_cond, noise, n_euler_steps=n_euler_steps).x_pred
     target = jnp.broadcast_to(x_target[None], x_pred.shape)
     valid = (sample_ids < n_samples)[:, None, None]
@@ -257,7 +257,7 @@ def cond_rec_fn(graphdef, nt_cond: int, n_euler_steps: int) -> Callable:
 
   def fn(state, base_key, x_cond, video_ids):
     model = nnx.merge(graphdef, state)
-    noise = _noise(model, _noise_keys(base_key, video_ids, jnp.zeros((1,), jnp.int32)), nt_cond, 1)
+    noise = sample_noise(model, noise_keys(base_key, video_ids, jnp.zeros((1,), jnp.int32)), nt_cond, 1)
     rec = model.predict(x_cond, noise, n_euler_steps=n_euler_steps, reconstruct_cond=True).x_cond_rec
     return _to_byte(rec[0])
 

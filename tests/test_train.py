@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 from srvp_jax import config as config_lib
 from srvp_jax import train
+from srvp_jax.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
@@ -224,3 +226,18 @@ def test_periodic_checkpoints_are_kept(tmp_path):
     checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step})
   mngr.wait_until_finished()
   assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
+
+
+def test_validation_draws_exactly_n_samples_whatever_the_chunk():
+  """Best-of-3 by PSNR is the same with chunks of 1, 2 (padded to 4: the padding never competes) or 3."""
+  cfg = tiny_config(nc=1)
+  model = build_model(cfg, jax.random.key(0))
+  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+  x = jax.random.uniform(jax.random.key(1), (3, int(cfg.seq_len), 64, 64, 1))
+  key = jax.random.key(2)
+  results = []
+  for chunk in (1, 2, 3):
+    val_fn = train.make_val_fn(graphdef, tiny_config(nc=1, val_sample_chunk=chunk), 3)
+    results.append(np.asarray(val_fn(params, stats, x, key)))
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
+  np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
