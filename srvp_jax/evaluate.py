@@ -413,12 +413,12 @@ def summarize(values: np.ndarray) -> dict[str, float]:
   return {'mean': float(values.mean()), 'std': std, 'interval95': 1.96 * std / float(np.sqrt(len(values)))}
 
 
-def _jsonable(value):
+def jsonable(value):
   """Floats that JSON can hold: non-finite ones become strings ('inf', 'nan')."""
   if isinstance(value, dict):
-    return {k: _jsonable(v) for k, v in value.items()}
+    return {k: jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   if isinstance(value, (float, np.floating)):
     return float(value) if np.isfinite(value) else str(float(value))
   if isinstance(value, np.integer):
@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       'wall_time_s': wall,
   }
   with open(os.path.join(out_dir, 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(_jsonable(report), f, indent=1)
+    json.dump(jsonable(report), f, indent=1)
   print(format_table(summary, fvd, len(videos), args.n_samples))
   if lpips_note == RANDOM_BACKBONE_NOTE:
     print(f'WARNING: LPIPS computed with a RANDOM backbone ({RANDOM_BACKBONE_ENV}=1): not comparable')
