@@ -42,7 +42,8 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
   param_dtype = PARAM_DTYPES[cfg.get('param_dtype', 'float32')]
   if param_dtype == jnp.float64:
     if not jax.config.read('jax_enable_x64'):
-      raise ValueError("param_dtype='float64' needs 64-bit JAX: enable jax_enable_x64 (e.g. `with jax.enable_x64():`)")
+      raise config_lib.ConfigError("param_dtype='float64' needs 64-bit JAX (jax_enable_x64): set JAX_ENABLE_X64=1 "
+                                   '(or use `with jax.enable_x64():`)')
     dtype = jnp.float64  # A float64 model computes in float64 throughout.
   kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype,
                 param_dtype=param_dtype)
