@@ -213,8 +213,8 @@ def _to_byte(x):
 
 
 @functools.lru_cache(maxsize=8)
-def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, metrics: tuple[str, ...],
-               return_float: bool) -> Callable:
+def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, cond_euler_steps: int,
+               metrics: tuple[str, ...], return_float: bool) -> Callable:
   """Jitted (state, base_key, x_cond, x_target, video_ids, sample_ids, n_samples) -> dict.
 
   Returns x_byte (K, B, nt_pred, H, W, C) uint8, each of `metrics` (psnr / ssim) per frame (K, B, nt_pred)
@@ -231,7 +231,7 @@ def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, metrics
   def fn(state, base_key, x_cond, x_target, video_ids, sample_ids, n_samples):
     model = nnx.merge(graphdef, state)
     noise = sample_noise(model, noise_keys(base_key, video_ids, sample_ids), nt_cond, nt_pred)
-    x_pred = model.predict(x_cond, noise, n_euler_steps=n_euler_steps).x_pred
+    x_pred = model.predict(x_cond, noise, n_euler_steps=n_euler_steps, cond_euler_steps=cond_euler_steps).x_pred
     target = jnp.broadcast_to(x_target[None], x_pred.shape)
     valid = (sample_ids < n_samples)[:, None, None]
     out = {'x_byte': _to_byte(x_pred)}
@@ -245,7 +245,7 @@ def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, metrics
 
 
 @functools.lru_cache(maxsize=8)
-def cond_rec_fn(graphdef, nt_cond: int, n_euler_steps: int) -> Callable:
+def cond_rec_fn(graphdef, nt_cond: int, cond_euler_steps: int) -> Callable:
   """Jitted (state, base_key, x_cond, video_ids) -> uint8 (B, nt_cond, H, W, C) reconstruction by sample 0.
 
   The noise of the conditioning frames does not depend on the number of predicted frames, so one
@@ -258,16 +258,21 @@ def cond_rec_fn(graphdef, nt_cond: int, n_euler_steps: int) -> Callable:
   def fn(state, base_key, x_cond, video_ids):
     model = nnx.merge(graphdef, state)
     noise = sample_noise(model, noise_keys(base_key, video_ids, jnp.zeros((1,), jnp.int32)), nt_cond, 1)
-    rec = model.predict(x_cond, noise, n_euler_steps=n_euler_steps, reconstruct_cond=True).x_cond_rec
+    rec = model.predict(x_cond, noise, n_euler_steps=cond_euler_steps, reconstruct_cond=True).x_cond_rec
     return _to_byte(rec[0])
 
   return jax.jit(fn)
 
 
 def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, n_euler_steps: int,
+                    train_euler_steps: int | None = None,
                     batch_size: int, seed: int, metrics: Sequence[str], sample_chunk: int,
                     lpips_fn: Callable | None = None, progress: bool = True) -> dict[str, Any]:
   """Predicts n_samples futures of every video (N, T, H, W, C) uint8 and selects best / worst samples.
+
+  As the official ``test.py``: y_1 and the posterior z's over the conditioning frames (and their
+  reconstruction ``cond_rec``) are inferred with ``train_euler_steps`` (the model's training value;
+  default ``n_euler_steps``), and only the prior rollout uses ``n_euler_steps``.
 
   Returns NumPy arrays: best_value / worst_value / best_index / worst_index {metric: (N,)}, sample_values
   {metric: (n_samples, N)}, per_frame {metric: (N, nt_pred)} of the best sample, best / worst
@@ -288,8 +293,9 @@ def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, 
   names = [m for m in metrics if m in IMAGE_METRICS]
   jit_metrics = tuple(m for m in names if m != 'lpips')
   graphdef, state = nnx.split(model)
-  step = predict_fn(graphdef, nt_cond, nt_pred, n_euler_steps, jit_metrics, lpips_fn is not None)
-  rec_step = cond_rec_fn(graphdef, nt_cond, n_euler_steps)
+  cond_euler_steps = int(train_euler_steps or n_euler_steps)  # Inference over the conditioning frames.
+  step = predict_fn(graphdef, nt_cond, nt_pred, n_euler_steps, cond_euler_steps, jit_metrics, lpips_fn is not None)
+  rec_step = cond_rec_fn(graphdef, nt_cond, cond_euler_steps)
   base_key = jax.random.key(seed)
   k = int(sample_chunk)
   n_chunks = -(-n_samples // k)
@@ -566,9 +572,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   lpips_fn = LpipsOnFrames(setup['lpips_path']) if 'lpips' in args.metrics else None
   print(f'Evaluating {args.ckpt_dir} (step {step}) on {len(videos)} {cfg.dataset} test videos: {nt_cond} '
         f'conditioning + {nt_pred} predicted frames, {args.n_samples} samples (chunks of {chunk}), '
-        f'{n_euler} Euler step(s), device {jax.devices()[0].platform}', file=sys.stderr)
+        f'{n_euler} Euler step(s) per predicted frame ({cfg.n_euler_steps} over the conditioning frames, as '
+        f'trained), device {jax.devices()[0].platform}', file=sys.stderr)
   try:
     res = evaluate_videos(model, videos, nt_cond=nt_cond, n_samples=args.n_samples, n_euler_steps=n_euler,
+                          train_euler_steps=int(cfg.n_euler_steps),
                           batch_size=batch_size, seed=args.seed, metrics=args.metrics, sample_chunk=chunk,
                           lpips_fn=lpips_fn, progress=not args.no_progress)
   except jax.errors.JaxRuntimeError as e:
@@ -593,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       'config': cfg.to_dict(),
       'data_dir': os.path.abspath(args.data_dir),
       'options': {'nt_cond': nt_cond, 'nt_gen': nt_gen, 'nt_pred': nt_pred, 'n_samples': args.n_samples,
-                  'n_euler_steps': n_euler, 'batch_size': batch_size, 'seed': args.seed,
+                  'n_euler_steps': n_euler, 'train_euler_steps': int(cfg.n_euler_steps), 'batch_size': batch_size, 'seed': args.seed,
                   'metrics': list(args.metrics), 'sample_chunk': chunk, 'n_videos': args.n_videos},
       'noise': 'jax.random.key(seed) -> fold_in(video index) -> fold_in(sample index); samples 0-4 are random_1-5',
       'n_videos': int(len(videos)),

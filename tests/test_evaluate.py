@@ -295,6 +295,18 @@ def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmni
   np.testing.assert_array_equal(res['best']['psnr'], _samples(tiny_eval, 'psnr_best'))
 
 
+def test_test_time_euler_steps_keep_the_conditioning_inference(tiny_ckpt, mmnist_dir):
+  """--n_euler_steps changes the rollout only: cond_rec is inferred with the training value (official test.py)."""
+  model, cfg, _ = evaluate.load_model(tiny_ckpt, 'best')
+  videos = mmnist.load_test_set(mmnist_dir, False, NT_GEN)
+  run = lambda steps: evaluate.evaluate_videos(
+      model, videos, nt_cond=NT_COND, n_samples=2, n_euler_steps=steps, train_euler_steps=int(cfg.n_euler_steps),
+      batch_size=8, seed=5, metrics=('psnr',), sample_chunk=2, progress=False)
+  same, other = run(int(cfg.n_euler_steps)), run(int(cfg.n_euler_steps) + 2)
+  np.testing.assert_array_equal(same['cond_rec'], other['cond_rec'])
+  assert not np.array_equal(same['sample_values']['psnr'], other['sample_values']['psnr'])
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The official vgg_skip reference checkpoint (BAIR, nc=3), converted, on a BAIR test set in the official layout.
 

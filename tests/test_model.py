@@ -62,9 +62,9 @@ def forward(model, x, noise, n_euler_steps=1, train=True):
 
 
 @functools.lru_cache(maxsize=None)
-def _predict(graphdef, n_euler_steps):
+def _predict(graphdef, n_euler_steps, cond_euler_steps):
   return jax.jit(lambda state, x, noise: nnx.merge(graphdef, state).predict(
-      x, noise, n_euler_steps=n_euler_steps, reconstruct_cond=True))
+      x, noise, n_euler_steps=n_euler_steps, cond_euler_steps=cond_euler_steps, reconstruct_cond=True))
 
 
 def pure(model, fn, *args):
@@ -73,9 +73,9 @@ def pure(model, fn, *args):
   return jax.jit(lambda state, *a: fn(nnx.merge(graphdef, state), *a))(state, *args)
 
 
-def predict(model, x_cond, noise, n_euler_steps=1):
+def predict(model, x_cond, noise, n_euler_steps=1, cond_euler_steps=None):
   graphdef, state = nnx.split(model)
-  return _predict(graphdef, n_euler_steps)(state, x_cond, noise)
+  return _predict(graphdef, n_euler_steps, cond_euler_steps)(state, x_cond, noise)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,6 +239,22 @@ def test_prediction_any_samples_and_frames_computed_together(model, video):
   ys, _, _, _ = reference_integrate(model, ys_cond[:, -1], short.eps_z_prior[0], 3)
   np.testing.assert_allclose(pred3.y[0], np.concatenate([ys_cond[:, -1:], ys], 1), rtol=1e-4, atol=1e-5)
   assert not np.allclose(pred3.y[0, :, 1:], pred.y[0, :, 1:3], atol=1e-4)
+
+
+def test_test_time_euler_steps_change_the_rollout_only(model, video):
+  """Official test.py: inference over the conditioning frames with the training n_euler_steps (here 2),
+  the test-time value only for the prior rollout."""
+  nt_cond = 3
+  noise = model.sample_pred_noise(jax.random.key(11), 2, B, nt_cond, 4)
+  trained = predict(model, video[:, :nt_cond], noise, n_euler_steps=2)  # Test value = training value.
+  for test_steps in (1, 3):
+    pred = predict(model, video[:, :nt_cond], noise, n_euler_steps=test_steps, cond_euler_steps=2)
+    np.testing.assert_array_equal(pred.x_cond_rec, trained.x_cond_rec)  # Conditioning reconstruction unchanged.
+    np.testing.assert_array_equal(pred.y[:, :, 0], trained.y[:, :, 0])  # The last inferred state unchanged.
+    assert not np.allclose(pred.y[:, :, 1:], trained.y[:, :, 1:], atol=1e-6)  # The rollout follows the test value.
+    # Before the fix the inference pass used the test value too, which moves the inferred state.
+    both = predict(model, video[:, :nt_cond], noise, n_euler_steps=test_steps)
+    assert not np.allclose(both.y[:, :, 0], trained.y[:, :, 0], atol=1e-6)
 
 
 def test_prediction_prefix_is_causal(model, video):

@@ -228,13 +228,17 @@ class SRVP(nnx.Module):
         eps_z_prior=jax.random.normal(k_prior, (n_samples, batch, nt_pred, self.nz), self.param_dtype),
     )
 
-  def predict(self, x_cond: Array, noise: PredNoise, *, n_euler_steps: int = 1,
+  def predict(self, x_cond: Array, noise: PredNoise, *, n_euler_steps: int = 1, cond_euler_steps: int | None = None,
               reconstruct_cond: bool = False) -> Prediction:
     """The official test-time protocol (evaluation-mode BatchNorm), S samples computed together.
 
     Encodes the conditioning frames once; per sample, infers y_1 and the posterior z's over the
     conditioning frames, then rolls the prior forward from the last inferred state and decodes
     with w from the last nt_inf conditioning frames and the skips of the last one.
+
+    As the official ``test.py``, the inference pass over the conditioning frames integrates with
+    ``cond_euler_steps`` (the model's *training* value; default ``n_euler_steps``) and only the
+    prior rollout uses ``n_euler_steps`` (a test-time choice).
     """
     b, nt_cond = x_cond.shape[:2]
     s, nt_pred = noise.eps_z_prior.shape[0], noise.eps_z_prior.shape[2]
@@ -255,7 +259,7 @@ class SRVP(nnx.Module):
     y0 = rsample(tile(q_y0), flat(noise.eps_y0))
     w_s = tile(w)
     skip_s = [tile(sk) for sk in skip] if skip is not None else None
-    ys_cond, _, _, _ = self.integrate(y0, flat(noise.eps_z_post), n_euler_steps, tile(q_z))
+    ys_cond, _, _, _ = self.integrate(y0, flat(noise.eps_z_post), cond_euler_steps or n_euler_steps, tile(q_z))
     y_cond = jnp.concatenate([y0[:, None], ys_cond], axis=1)
     y_last = y_cond[:, -1]
     ys_pred, _, _, _ = self.integrate(y_last, flat(noise.eps_z_prior), n_euler_steps)
