@@ -113,7 +113,13 @@ def resolve_step(workdir: str, which: str) -> tuple[str, int]:
   folder = os.path.join(workdir, sub)
   steps = manager(workdir, sub).all_steps() if os.path.isdir(folder) else []
   if not steps:
-    raise CheckpointNotFoundError(f'no checkpoint in {folder}')
+    other = LATEST_DIR if sub == BEST_DIR else BEST_DIR
+    other_dir = os.path.join(workdir, other)
+    other_steps = sorted(manager(workdir, other).all_steps()) if os.path.isdir(other_dir) else []
+    hint = ''
+    if other_steps:
+      hint = f"; {other_dir} has step(s) {other_steps}: use --checkpoint {'latest' if other == LATEST_DIR else 'best'}"
+    raise CheckpointNotFoundError(f'no checkpoint in {folder}{hint}')
   if which in ('best', 'latest'):
     return sub, max(steps)
   if not str(which).isdigit() or int(which) not in steps:
@@ -121,14 +127,18 @@ def resolve_step(workdir: str, which: str) -> tuple[str, int]:
   return sub, int(which)
 
 
-def load_model(workdir: str, which: str = 'best'):
+def load_model(workdir: str, which: str = 'best', compute_dtype: str | None = None):
   """(model, cfg, step) from a checkpoint folder written by training or the converter.
 
   The model is built abstractly (``nnx.eval_shape``) and filled from the checkpoint: a real random
-  initialisation would be compiled and run for values that are all overwritten.
+  initialisation would be compiled and run for values that are all overwritten. ``compute_dtype``
+  overrides the config's (parameters are float32 either way), e.g. float32 evaluation of a model
+  trained in bfloat16.
   """
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   cfg = load_config(workdir)
+  if compute_dtype is not None:
+    cfg.compute_dtype = compute_dtype
   sub, step = resolve_step(workdir, which)
   model = nnx.eval_shape(lambda: build_model(cfg))
   template = model_tree(model)

@@ -102,7 +102,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--seed', type=int, default=1, help='Seed of the prediction noise.')
   p.add_argument('--metrics', type=_metrics_list, default=ALL_METRICS, metavar='LIST',
                  help='Comma-separated subset of psnr,ssim,lpips,fvd (default: all).')
-  p.add_argument('--checkpoint', default='best', help="'best', 'latest' or a step number.")
+  p.add_argument('--checkpoint', default='latest',
+                 help="'latest' (the final weights, the official model.pt; default), 'best' (best validation PSNR, the "
+                      "official model_best.pt) or a step number.")
+  p.add_argument('--compute_dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='Compute dtype of the evaluation (default float32, as the official evaluation, also for a '
+                      'model trained in bfloat16).')
   p.add_argument('--out', default=None, metavar='DIR', help='Output folder (default: CKPT_DIR/eval_<checkpoint>).')
   p.add_argument('--lpips_backbone', default=None, metavar='PATH',
                  help='torchvision AlexNet weights alexnet-owt-7be5be79.pth (default: torch hub cache).')
@@ -391,10 +396,10 @@ def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, 
   return out
 
 
-def load_model(ckpt_dir: str, which: str):
+def load_model(ckpt_dir: str, which: str, compute_dtype: str | None = None):
   """(model, cfg, step) of a checkpoint folder (``checkpoints.load_model``)."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  return checkpoints.load_model(ckpt_dir, which)
+  return checkpoints.load_model(ckpt_dir, which, compute_dtype=compute_dtype)
 
 
 class LpipsOnFrames:
@@ -560,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from srvp_jax.metrics import fvd as fvd_lib  # pylint: disable=import-outside-toplevel
   cfg, nt_cond, nt_gen, videos = setup['cfg'], setup['nt_cond'], setup['nt_gen'], setup['videos']
   try:
-    model, cfg, step = load_model(args.ckpt_dir, str(args.checkpoint))
+    model, cfg, step = load_model(args.ckpt_dir, str(args.checkpoint), compute_dtype=args.compute_dtype)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -601,7 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       'config': cfg.to_dict(),
       'data_dir': os.path.abspath(args.data_dir),
       'options': {'nt_cond': nt_cond, 'nt_gen': nt_gen, 'nt_pred': nt_pred, 'n_samples': args.n_samples,
-                  'n_euler_steps': n_euler, 'train_euler_steps': int(cfg.n_euler_steps), 'batch_size': batch_size, 'seed': args.seed,
+                  'n_euler_steps': n_euler, 'train_euler_steps': int(cfg.n_euler_steps),
+                  'compute_dtype': args.compute_dtype, 'batch_size': batch_size, 'seed': args.seed,
                   'metrics': list(args.metrics), 'sample_chunk': chunk, 'n_videos': args.n_videos},
       'noise': 'jax.random.key(seed) -> fold_in(video index) -> fold_in(sample index); samples 0-4 are random_1-5',
       'n_videos': int(len(videos)),

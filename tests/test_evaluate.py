@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -206,7 +207,9 @@ def test_end_to_end_outputs(tiny_eval, mmnist_dir):
     report = json.load(f)
   assert sorted(results) == sorted(names)
   assert report['n_videos'] == N_VIDEOS
-  assert report['checkpoint']['step'] == 3 and report['checkpoint']['which'] == 'best'
+  # The default is the final weights (the official test.py loads model.pt), not the best validation.
+  assert report['checkpoint']['step'] == 4 and report['checkpoint']['which'] == 'latest'
+  assert report['options']['compute_dtype'] == 'float32'
   assert report['options']['nt_cond'] == NT_COND and report['options']['nt_pred'] == nt_pred
   assert report['options']['n_samples'] == 7 and report['options']['sample_chunk'] == 3
   assert report['config']['dataset'] == 'smmnist' and report['lpips_backbone'] is None and report['fvd'] is None
@@ -274,7 +277,7 @@ def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmni
   """Noise is key(seed) -> video -> sample: one chunk of 7 and one batch of 3 give the same samples as chunks of 3
   and batches of 2. The in-graph SSIM (dm-pix) of the predictions equals the SPEC formula in NumPy, computed on the
   same float predictions (passed through the hook LPIPS uses)."""
-  model, _, _ = evaluate.load_model(tiny_ckpt, 'best')
+  model, _, _ = evaluate.load_model(tiny_ckpt, 'latest')
   videos = mmnist.load_test_set(mmnist_dir, False, NT_GEN)
   seen = []
 
@@ -293,6 +296,28 @@ def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmni
   np.testing.assert_array_equal(res['random'][0], _samples(tiny_eval, 'random_1'))
   np.testing.assert_array_equal(res['cond_rec'], _samples(tiny_eval, 'cond_rec'))
   np.testing.assert_array_equal(res['best']['psnr'], _samples(tiny_eval, 'psnr_best'))
+
+
+def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir):
+  """A run stopped before its first validation has latest checkpoints only: --checkpoint best says so."""
+  workdir = str(tmp_path / 'run')
+  write_checkpoint_folder(workdir, tiny_config(), steps=(2,))
+  os.makedirs(os.path.join(workdir, checkpoints.BEST_DIR))
+  proc = subprocess.run([sys.executable, '-m', 'srvp_jax.evaluate', workdir, '--data_dir', mmnist_dir, '--checkpoint',
+                         'best'], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
+  assert 'has step(s) [2]: use --checkpoint latest' in proc.stderr.strip().splitlines()[-1]
+
+
+def test_bfloat16_trained_model_is_evaluated_in_float32(tmp_path):
+  workdir = str(tmp_path / 'run')
+  write_checkpoint_folder(workdir, tiny_config(compute_dtype='bfloat16'), steps=(1,))
+  model, cfg, _ = evaluate.load_model(workdir, 'latest', compute_dtype='float32')
+  assert cfg.compute_dtype == 'float32'
+  assert model.decoder.stages[0][0].conv.dtype == jnp.float32
+  model16, _, _ = evaluate.load_model(workdir, 'latest')
+  assert model16.decoder.stages[0][0].conv.dtype == jnp.bfloat16
+  assert evaluate.parse_args([workdir, '--data_dir', 'x']).compute_dtype == 'float32'
 
 
 def test_test_time_euler_steps_keep_the_conditioning_inference(tiny_ckpt, mmnist_dir):
