@@ -437,6 +437,18 @@ def jsonable(value):
   return value
 
 
+def fvd_note(n_videos: int) -> str | None:
+  """Why an FVD on fewer than 16 videos is not comparable with the paper's (None from 16 videos on)."""
+  from srvp_jax.metrics import fvd as fvd_lib  # pylint: disable=import-outside-toplevel
+  if n_videos >= fvd_lib.I3D_CHUNK:
+    return None
+  return (f'FVD on {n_videos} < {fvd_lib.I3D_CHUNK} videos: the official code needs at least one chunk of '
+          f'{fvd_lib.I3D_CHUNK} videos. Ours computes it (I3D chunks are completed with the first videos and inference '
+          f'BatchNorm keeps each embedding independent of them), but the Frechet distance then rests on the mean and '
+          f'covariance of only {n_videos} 400-dimensional embeddings (covariance rank < {n_videos}): a noisy, biased '
+          'value, not comparable with the paper\'s FVD on the full test set.')
+
+
 def format_table(summary: Mapping[str, Mapping[str, float]], fvd: float | None, n_videos: int,
                  n_samples: int) -> str:
   """The results table (best sample per video, mean over videos +/- 95% interval)."""
@@ -539,6 +551,8 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     raise StartupError(f'test videos have {videos.shape[-1]} channel(s) but the model expects nc={cfg.nc}')
   if 'fvd' in args.metrics and len(videos) < 2:
     raise StartupError(f'FVD needs at least 2 test videos, got {len(videos)}')
+  if 'fvd' in args.metrics and fvd_note(len(videos)):
+    print(f'warning: {fvd_note(len(videos))}', file=sys.stderr)
   if len(videos) == 0:
     raise StartupError(f'no test video in {args.data_dir}')
   out_dir = args.out or os.path.join(args.ckpt_dir, f'eval_{args.checkpoint}')
@@ -590,6 +604,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: prediction failed ({first[:300]}){hint}', file=sys.stderr)
     return 1
   fvd = None
+  note = fvd_note(len(videos)) if 'fvd' in args.metrics else None
   if 'fvd' in args.metrics:
     print('Computing FVD...', file=sys.stderr)
     real = videos[:, :nt_gen]
@@ -613,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       'n_videos': int(len(videos)),
       'metrics': summary,
       'fvd': fvd,
+      'fvd_note': note,
       'per_frame': {m: res['per_frame'][m].mean(axis=0).tolist() for m in res['per_frame']},
       'per_frame_first_frame': nt_cond + 1,
       'lpips_backbone': lpips_note,

@@ -309,6 +309,12 @@ def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir):
   assert 'has step(s) [2]: use --checkpoint latest' in proc.stderr.strip().splitlines()[-1]
 
 
+def test_fvd_on_fewer_than_16_videos_says_why_it_is_not_comparable():
+  note = evaluate.fvd_note(4)
+  assert note and 'at least one chunk of 16 videos' in note and 'not comparable' in note and '\n' not in note
+  assert evaluate.fvd_note(16) is None and evaluate.fvd_note(256) is None
+
+
 def test_bfloat16_trained_model_is_evaluated_in_float32(tmp_path):
   workdir = str(tmp_path / 'run')
   write_checkpoint_folder(workdir, tiny_config(compute_dtype='bfloat16'), steps=(1,))
