@@ -808,7 +808,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   try:
     args = parse_args(argv)
-    base = {name: load_config(name, batch=args.batch, overrides=args.override) for name in args.configs}
+    configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, overrides=args.override)
+               for name in args.configs for dtype in args.dtypes}
     if args.json:
       try:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -828,8 +829,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   from srvp_jax import train  # pylint: disable=import-outside-toplevel
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   try:
-    mesh = train.make_mesh(next(iter(base.values())))
-    for cfg in base.values():
+    mesh = train.make_mesh(next(iter(configs.values())))
+    for cfg in configs.values():
       train.check_batch_divisible(int(cfg.batch_size), mesh)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -838,9 +839,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   n_eval = args.eval_videos or (4 if on_cpu else 256)
   rows: list[dict] = []
   failed = False
-  for name in base:
+  for name in args.configs:
     for dtype in args.dtypes:
-      cfg = load_config(name, batch=args.batch, dtype=dtype, overrides=args.override)
+      cfg = configs[name, dtype]
       what = {'kind': 'train', 'config': name, 'dtype': dtype, 'batch': int(cfg.batch_size)}
       _progress(f'train {name} {dtype} batch {cfg.batch_size}')
       row, err = _attempt(functools.partial(time_train_step, cfg, warmup=args.warmup, steps=args.steps, label=name),
@@ -864,7 +865,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{row['compile_s']:.1f} s{torch_part}")
     if args.layers:
       for dtype in args.dtypes:
-        cfg = load_config(name, batch=args.batch, dtype=dtype, overrides=args.override)
+        cfg = configs[name, dtype]
         what = {'kind': 'layer', 'layer': 'all', 'mode': 'layers', 'config': name, 'dtype': dtype,
                 'batch': int(cfg.batch_size)}
         l_rows, err = _attempt(functools.partial(time_layers, cfg, warmup=args.warmup, steps=args.steps,
@@ -873,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         failed |= err is not None
     if args.eval:
       for dtype in args.dtypes:
-        cfg = load_config(name, batch=args.batch, dtype=dtype, overrides=args.override)
+        cfg = configs[name, dtype]
         model = build_model(cfg, jax.random.key(0))
         for with_lpips in (False, True):
           metrics = ['psnr', 'ssim'] + (['lpips'] if with_lpips else [])

@@ -194,23 +194,6 @@ def default_sample_chunk(cfg: Mapping[str, Any], batch_size: int, nt_pred: int, 
   return int(np.clip(frames // (batch_size * nt_pred), 1, n_samples))
 
 
-def noise_keys(base_key, video_ids, sample_ids):
-  """(K, B) keys: key(seed) -> fold_in(video index) -> fold_in(sample index)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  per_video = jax.vmap(lambda v: jax.random.fold_in(base_key, v))(video_ids)
-  return jax.vmap(lambda s: jax.vmap(lambda k: jax.random.fold_in(k, s))(per_video))(sample_ids)
-
-
-def sample_noise(model, keys, nt_cond, nt_pred):
-  """PredNoise with (K, B, ...) fields, each (sample, video) drawn from its own key."""
-  import jax  # pylint: disable=import-outside-toplevel
-
-  def one(key):
-    return jax.tree.map(lambda a: a[0, 0], model.sample_pred_noise(key, 1, 1, nt_cond, nt_pred))
-
-  return jax.vmap(jax.vmap(one))(keys)
-
-
 def _to_byte(x):
   """Official `.mul(255).byte()`: truncation of 255 x, x clamped to [0, 1]."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -235,7 +218,7 @@ def predict_fn(graphdef, nt_cond: int, nt_pred: int, n_euler_steps: int, cond_eu
 
   def fn(state, base_key, x_cond, x_target, video_ids, sample_ids, n_samples):
     model = nnx.merge(graphdef, state)
-    noise = sample_noise(model, noise_keys(base_key, video_ids, sample_ids), nt_cond, nt_pred)
+    noise = model.sample_pred_noise_per_sample(base_key, video_ids, sample_ids, nt_cond, nt_pred)
     x_pred = model.predict(x_cond, noise, n_euler_steps=n_euler_steps, cond_euler_steps=cond_euler_steps).x_pred
     target = jnp.broadcast_to(x_target[None], x_pred.shape)
     valid = (sample_ids < n_samples)[:, None, None]
@@ -262,7 +245,7 @@ def cond_rec_fn(graphdef, nt_cond: int, cond_euler_steps: int) -> Callable:
 
   def fn(state, base_key, x_cond, video_ids):
     model = nnx.merge(graphdef, state)
-    noise = sample_noise(model, noise_keys(base_key, video_ids, jnp.zeros((1,), jnp.int32)), nt_cond, 1)
+    noise = model.sample_pred_noise_per_sample(base_key, video_ids, jnp.zeros((1,), jnp.int32), nt_cond, 1)
     rec = model.predict(x_cond, noise, n_euler_steps=cond_euler_steps, reconstruct_cond=True).x_cond_rec
     return _to_byte(rec[0])
 
@@ -551,8 +534,9 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     raise StartupError(f'test videos have {videos.shape[-1]} channel(s) but the model expects nc={cfg.nc}')
   if 'fvd' in args.metrics and len(videos) < 2:
     raise StartupError(f'FVD needs at least 2 test videos, got {len(videos)}')
-  if 'fvd' in args.metrics and fvd_note(len(videos)):
-    print(f'warning: {fvd_note(len(videos))}', file=sys.stderr)
+  note = fvd_note(len(videos)) if 'fvd' in args.metrics else None
+  if note:
+    print(f'warning: {note}', file=sys.stderr)
   if len(videos) == 0:
     raise StartupError(f'no test video in {args.data_dir}')
   out_dir = args.out or os.path.join(args.ckpt_dir, f'eval_{args.checkpoint}')
@@ -561,7 +545,7 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
   except OSError as e:
     raise StartupError(f'cannot create the output folder {out_dir}: {e.strerror or e}') from None
   return dict(cfg=cfg, nt_cond=nt_cond, nt_gen=nt_gen, lpips_path=lpips_path, i3d_path=i3d_path, videos=videos,
-              out_dir=out_dir)
+              out_dir=out_dir, fvd_note=note)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,7 +588,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: prediction failed ({first[:300]}){hint}', file=sys.stderr)
     return 1
   fvd = None
-  note = fvd_note(len(videos)) if 'fvd' in args.metrics else None
   if 'fvd' in args.metrics:
     print('Computing FVD...', file=sys.stderr)
     real = videos[:, :nt_gen]
@@ -628,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       'n_videos': int(len(videos)),
       'metrics': summary,
       'fvd': fvd,
-      'fvd_note': note,
+      'fvd_note': setup['fvd_note'],
       'per_frame': {m: res['per_frame'][m].mean(axis=0).tolist() for m in res['per_frame']},
       'per_frame_first_frame': nt_cond + 1,
       'lpips_backbone': lpips_note,

@@ -30,10 +30,9 @@ import torch.distributions as distrib
 import torch.nn.functional as F
 from torch import nn
 
-Tensor = torch.Tensor
+from srvp_jax.config import MODEL_KEYS
 
-MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf', 'nlayers_inf', 'nh_res',
-              'nlayers_res', 'archi')
+Tensor = torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------

@@ -165,10 +165,9 @@ def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int):
   sample of each video is chosen by its PSNR over all frames (reconstruction of the conditioning
   frames included); the reported PSNR is its mean over the predicted frames. Exactly ``n_samples``
   samples compete (the last chunk's padding never does), and sample s of video v is drawn from
-  its own key (``key`` -> v -> s, as ``srvp_jax.evaluate``), so the result does not depend on
-  ``val_sample_chunk``.
+  its own key (``SRVP.sample_pred_noise_per_sample``, as ``srvp_jax.evaluate``), so the result does
+  not depend on ``val_sample_chunk``.
   """
-  from srvp_jax import evaluate  # pylint: disable=import-outside-toplevel
   nt_cond, n_euler = int(cfg['nt_cond']), int(cfg['n_euler_steps'])
   chunk = max(1, min(int(cfg['val_sample_chunk']), n_samples))
 
@@ -186,7 +185,7 @@ def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int):
     def one_chunk(carry, c):
       best_score, best_psnr = carry
       sample_ids = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-      noise = evaluate.sample_noise(model, evaluate.noise_keys(key, video_ids, sample_ids), nt_cond, nt_pred)
+      noise = model.sample_pred_noise_per_sample(key, video_ids, sample_ids, nt_cond, nt_pred)
       pred = model.predict(x[:, :nt_cond], noise, n_euler_steps=n_euler, reconstruct_cond=True)
       frames = jnp.concatenate([pred.x_cond_rec, pred.x_pred], axis=2)
       psnr = psnr_frames(frames, x)  # (S, B, T)

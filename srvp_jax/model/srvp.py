@@ -228,6 +228,18 @@ class SRVP(nnx.Module):
         eps_z_prior=jax.random.normal(k_prior, (n_samples, batch, nt_pred, self.nz), self.param_dtype),
     )
 
+  def sample_pred_noise_per_sample(self, key: Array, video_ids: Array, sample_ids: Array, nt_cond: int,
+                                   nt_pred: int) -> PredNoise:
+    """PredNoise with (K, B, ...) fields where sample s of video v has its own key: key -> fold_in(v)
+    -> fold_in(s). A sample is then a function of (key, video, sample) only, whatever the chunking."""
+
+    def one(k):
+      return jax.tree.map(lambda a: a[0, 0], self.sample_pred_noise(k, 1, 1, nt_cond, nt_pred))
+
+    per_video = jax.vmap(lambda v: jax.random.fold_in(key, v))(video_ids)
+    keys = jax.vmap(lambda s: jax.vmap(lambda k: jax.random.fold_in(k, s))(per_video))(sample_ids)
+    return jax.vmap(jax.vmap(one))(keys)
+
   def predict(self, x_cond: Array, noise: PredNoise, *, n_euler_steps: int = 1, cond_euler_steps: int | None = None,
               reconstruct_cond: bool = False) -> Prediction:
     """The official test-time protocol (evaluation-mode BatchNorm), S samples computed together.
