@@ -127,15 +127,56 @@ def resolve_step(workdir: str, which: str) -> tuple[str, int]:
   return sub, int(which)
 
 
-def load_model(workdir: str, which: str = 'best', compute_dtype: str | None = None):
+OFFICIAL_MODEL = 'model.pt'
+
+
+def is_official_folder(folder: str) -> bool:
+  """Whether ``folder`` is an official experiment folder (``config.json`` + ``*.pt``, none of ours)."""
+  return (os.path.isfile(os.path.join(folder, OFFICIAL_CONFIG_FILE))
+          and not os.path.isfile(os.path.join(folder, CONFIG_FILE))
+          and not os.path.isdir(os.path.join(folder, LATEST_DIR))
+          and any(n.endswith('.pt') for n in os.listdir(folder)))
+
+
+def load_official_folder(folder: str, model_name: str = OFFICIAL_MODEL, compute_dtype: str | None = None):
+  """(model, cfg, step) from an official experiment folder, converted in memory.
+
+  ``model_name`` picks the weights file as the official ``test.py --model_name`` does ('model.pt', the
+  final weights, or 'model_best.pt'). The step is unknown in that layout and reported as -1.
+  """
+  from srvp_jax import convert  # pylint: disable=import-outside-toplevel
+  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  path = os.path.join(folder, model_name)
+  if not os.path.isfile(path):
+    found = sorted(n for n in os.listdir(folder) if n.endswith('.pt'))
+    raise CheckpointNotFoundError(f'no {model_name} in {folder}; it has {found}: use --model_name NAME')
+  cfg = config_lib.load_official_json(os.path.join(folder, OFFICIAL_CONFIG_FILE))
+  if compute_dtype is not None:
+    cfg.compute_dtype = compute_dtype
+  state_dict = convert.load_torch_file(path)
+  model = convert.load_state_dict(build_model(cfg), state_dict, cfg)
+  return model, cfg, -1
+
+
+def load_model(workdir: str, which: str = 'best', compute_dtype: str | None = None,
+               model_name: str | None = None):
   """(model, cfg, step) from a checkpoint folder written by training or the converter.
 
-  The model is built abstractly (``nnx.eval_shape``) and filled from the checkpoint: a real random
+  An official experiment folder (``config.json`` + ``model.pt``) is converted in memory; there
+  ``model_name`` picks the file (default ``model.pt``) and ``which`` is ignored. For our folders the
+  model is built abstractly (``nnx.eval_shape``) and filled from the checkpoint: a real random
   initialisation would be compiled and run for values that are all overwritten. ``compute_dtype``
   overrides the config's (parameters are float32 either way), e.g. float32 evaluation of a model
   trained in bfloat16.
   """
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(workdir):
+    raise CheckpointNotFoundError(f'checkpoint folder not found: {workdir}')
+  if is_official_folder(workdir):
+    return load_official_folder(workdir, model_name or OFFICIAL_MODEL, compute_dtype)
+  if model_name is not None:
+    raise CheckpointNotFoundError(f'--model_name applies to official experiment folders (config.json + '
+                                  f'model.pt); {workdir} is one of ours: use --checkpoint best|latest|STEP')
   cfg = load_config(workdir)
   if compute_dtype is not None:
     cfg.compute_dtype = compute_dtype
