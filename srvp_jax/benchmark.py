@@ -22,11 +22,11 @@ What is measured, for each paper config (``configs/<name>.py``) and compute dtyp
   PyTorch (``srvp_jax.torch_srvp.make_train_step``: forward, loss, backward, Adam) at the same config and
   batch, on CUDA when torch has it, with the same warm-up / timed steps and median; the row gets
   ``torch_s`` and ``ratio`` = torch_s / ours (> 1: we are faster).
-* **Evaluation** (``time_evaluation``, ``--eval``): ``srvp_jax.evaluate.evaluate_videos`` (the paper's
+* **Evaluation** (``time_evaluation``, ``--eval``): ``srvp_jax.evaluation.evaluate_videos`` (the paper's
   protocol: n samples per video, PSNR / SSIM, best / worst selection) on random uint8 test videos of the
-  dataset's test length (``evaluate.PAPER_NT_GEN``), after a warm-up call that compiles its programs;
+  dataset's test length (``config.PAPER_TEST``), after a warm-up call that compiles its programs;
   predicted frames/s and the total time. A second row adds LPIPS with a randomly initialised AlexNet
-  backbone (``evaluate.LpipsOnFrames(None)``), which costs the same time as the real weights.
+  backbone (``evaluation.hooks.LpipsOnFrames(None)``), which costs the same time as the real weights.
 * **Layers** (``time_layers``, ``--layers``): the encoder (all B*T frames), the decoder (all B*T frames,
   with skips when the config has them), the dynamics (Euler rollout of T-1 frames with the prior p_z, as
   ``SRVP.integrate`` with no posterior) and the inference LSTM (T frames), each forward and
@@ -65,7 +65,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import ml_collections
 import numpy as np
 
-from srvp_jax import evaluate
+from srvp_jax import config as config_lib
+from srvp_jax import evaluation
+from srvp_jax.evaluation import hooks, report
 
 if TYPE_CHECKING:
   import torch
@@ -404,11 +406,12 @@ def time_torch_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, st
 def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples: int | None = None,
                     with_lpips: bool = False, model: Any = None, nt_gen: int | None = None, seed: int = 0,
                     label: str | None = None) -> dict:
-  """Throughput of ``evaluate.evaluate_videos`` (the paper's protocol) on random uint8 test videos.
+  """Throughput of ``evaluation.evaluate_videos`` (the paper's protocol) on random uint8 test videos.
 
   ``nt_gen`` defaults to the dataset's test length and ``n_samples`` to the paper's samples per video
-  (100; 1 for deterministic Moving MNIST). A warm-up call on the first batch (one chunk of samples)
-  compiles the programs first; the timed call then predicts every sample of every video. Returns a row
+  (100; 1 for deterministic Moving MNIST). A warm-up call on the first batch compiles the programs and
+  sizes the sample chunks from their memory analysis first; the timed call then predicts every sample of
+  every video. Returns a row
   with frames_per_s (the steady rate after the first batch when there are several batches, else the
   overall rate), total_s, warmup_s, the protocol's settings and the peak memory.
   """
@@ -416,22 +419,22 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
 
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   dataset = eval_dataset(cfg)
-  nt_gen = int(nt_gen or evaluate.PAPER_NT_GEN[dataset])
-  n_samples = int(n_samples or evaluate.PAPER_N_SAMPLES[dataset])
+  nt_gen = int(nt_gen or config_lib.PAPER_TEST[dataset]['nt_gen'])
+  n_samples = int(n_samples or config_lib.PAPER_TEST[dataset]['n_samples'])
   nt_cond, n_euler = int(cfg.nt_cond), int(cfg.n_euler_steps)
   nt_pred = nt_gen - nt_cond
   batch = min(int(cfg.batch_size_test), int(n_videos))
-  chunk = evaluate.default_sample_chunk(cfg, batch, nt_pred, n_samples)
   metrics = ('psnr', 'ssim', 'lpips') if with_lpips else ('psnr', 'ssim')
   if model is None:
     model = build_model(cfg, jax.random.key(seed))
-  lpips_fn = evaluate.LpipsOnFrames(None) if with_lpips else None
+  lpips_fn = hooks.LpipsOnFrames(None) if with_lpips else None
   videos = np.random.default_rng(seed).integers(0, 256, size=(n_videos, nt_gen, 64, 64, int(cfg.nc)), dtype=np.uint8)
-  run = functools.partial(evaluate.evaluate_videos, model, nt_cond=nt_cond, n_euler_steps=n_euler, batch_size=batch,
-                          seed=0, metrics=metrics, sample_chunk=chunk, lpips_fn=lpips_fn, progress=False)
+  run = functools.partial(evaluation.evaluate_videos, model, nt_cond=nt_cond, n_euler_steps=n_euler,
+                          batch_size=batch, seed=0, metrics=metrics, lpips_fn=lpips_fn, progress=False)
   t0 = time.perf_counter()
-  run(videos[:batch], n_samples=chunk)
+  chunk = run(videos[:batch], n_samples=n_samples)['sample_chunk']
   warmup_s = time.perf_counter() - t0
+  run = functools.partial(run, sample_chunk=chunk)
   start = _cpu_snapshot()
   t0 = time.perf_counter()
   res = run(videos, n_samples=n_samples)
@@ -686,7 +689,7 @@ def write_json(path: str, info: Mapping[str, Any], rows: Sequence[Mapping[str, A
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
   with open(path, 'w', encoding='utf-8') as f:
-    json.dump(evaluate.jsonable({**info, 'rows': list(rows)}), f, indent=1)
+    json.dump(report.jsonable({**info, 'rows': list(rows)}), f, indent=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,7 +45,21 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     digits_source='auto',  # Moving MNIST digits: 'auto', 'idx', 'tfds' or 'standin' (offline stand-in).
     val_sample_chunk=25,  # Validation samples decoded together (memory vs speed).
     mesh_data_axis=-1,  # Devices on the 'data' mesh axis (-1: all devices).
+    # Test protocol (``python -m srvp_jax.evaluate`` defaults; 0 / '': the paper's for the dataset, PAPER_TEST).
+    test_nt_cond=0,  # Conditioning frames at test time (0: nt_cond).
+    test_nt_gen=0,  # Frames per test video, conditioning + predicted.
+    test_n_samples=0,  # Samples per test video (best-of-N).
+    test_checkpoint='',  # 'latest' (final weights, official model.pt) or 'best' (best validation PSNR).
 )
+
+# The paper's test protocol per dataset (SPEC sections 1 and 5; deterministic Moving MNIST is 'mmnist').
+PAPER_TEST = {
+    'smmnist': dict(nt_gen=25, n_samples=100, checkpoint='latest'),
+    'mmnist': dict(nt_gen=100, n_samples=1, checkpoint='latest'),
+    'kth': dict(nt_gen=40, n_samples=100, checkpoint='best'),
+    'human': dict(nt_gen=53, n_samples=100, checkpoint='best'),
+    'bair': dict(nt_gen=30, n_samples=100, checkpoint='latest'),
+}
 
 MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf', 'nlayers_inf', 'nh_res',
               'nlayers_res', 'archi')
@@ -108,6 +122,11 @@ def validate(cfg: Mapping[str, Any]) -> None:
     raise ConfigError(f"unknown dataset={cfg['dataset']!r}; expected one of {DATASETS}")
   if cfg['seq_len'] < cfg['nt_inf']:
     raise ConfigError(f"seq_len={cfg['seq_len']} is shorter than nt_inf={cfg['nt_inf']}")
+  for key in ('test_nt_cond', 'test_nt_gen', 'test_n_samples'):
+    if int(cfg.get(key, 0)) < 0:
+      raise ConfigError(f'{key}={cfg[key]} must be >= 0 (0: the paper\'s value for the dataset)')
+  if cfg.get('test_checkpoint', '') not in ('', 'latest', 'best'):
+    raise ConfigError(f"test_checkpoint={cfg['test_checkpoint']!r}: expected 'latest' or 'best'")
 
 
 def from_official(official: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -164,6 +183,22 @@ def load_official_json(path: str) -> ml_collections.ConfigDict:
 def model_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:
   """The keyword arguments of ``srvp_jax.model.SRVP`` taken from a config."""
   return {key: cfg[key] for key in MODEL_KEYS}
+
+
+def protocol_dataset(cfg: Mapping[str, Any]) -> str:
+  """The dataset's name in the paper's tables: deterministic Moving MNIST is 'mmnist'."""
+  if cfg['dataset'] in ('smmnist', 'mmnist') and (cfg['dataset'] == 'mmnist' or cfg['deterministic']):
+    return 'mmnist'
+  return cfg['dataset']
+
+
+def test_protocol(cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The test protocol of ``cfg``: nt_cond, nt_gen, n_samples, checkpoint (config keys, else the paper's)."""
+  paper = PAPER_TEST[protocol_dataset(cfg)]
+  return {'nt_cond': int(cfg.get('test_nt_cond', 0) or cfg['nt_cond']),
+          'nt_gen': int(cfg.get('test_nt_gen', 0) or paper['nt_gen']),
+          'n_samples': int(cfg.get('test_n_samples', 0) or paper['n_samples']),
+          'checkpoint': str(cfg.get('test_checkpoint', '') or paper['checkpoint'])}
 
 
 def seq_len_test(cfg: Mapping[str, Any]) -> int:

@@ -158,49 +158,30 @@ def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
 
 # --------------------------------------------------------------------------------------------------
 # Validation (official protocol).
-def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int):
-  """Jitted ``(params, stats, x, key) -> per-video PSNR`` of the best of ``n_samples`` samples.
+def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int, mesh: Mesh | None = None):
+  """``(params, stats, x, key) -> per-video PSNR`` of the best of ``n_samples`` samples (official validation).
 
-  As the official ``evaluate``: samples are predicted from the first nt_cond frames; the best
-  sample of each video is chosen by its PSNR over all frames (reconstruction of the conditioning
-  frames included); the reported PSNR is its mean over the predicted frames. Exactly ``n_samples``
-  samples compete (the last chunk's padding never does), and sample s of video v is drawn from
-  its own key (``SRVP.sample_pred_noise_per_sample``, as ``srvp_jax.evaluate``), so the result does
-  not depend on ``val_sample_chunk``.
+  The one best-of-N core of the evaluation (``srvp_jax.evaluation.BestOfN``), with the official
+  validation's selection: samples are predicted from the first nt_cond frames, the best sample of each
+  video is chosen by its PSNR over all frames (reconstruction of the conditioning frames included), and
+  the reported PSNR is its mean over the predicted frames. Exactly ``n_samples`` samples compete, by
+  chunks of ``val_sample_chunk``; sample s of video v has its own key, so the result does not depend on
+  the chunk. Videos are sharded over the mesh's 'data' axis like training batches.
   """
+  from srvp_jax import evaluation  # pylint: disable=import-outside-toplevel
   nt_cond, n_euler = int(cfg['nt_cond']), int(cfg['n_euler_steps'])
   chunk = max(1, min(int(cfg['val_sample_chunk']), n_samples))
 
-  def psnr_frames(pred, x):  # (S, B, T, H, W, C) -> (S, B, T): mean over channels of per-channel PSNR.
-    mse = jnp.mean(jnp.square(pred - x[None]), axis=(3, 4))
-    return jnp.mean(10 * jnp.log10(1 / mse), axis=-1)
+  @functools.lru_cache(maxsize=2)
+  def scorer(nt: int):
+    protocol = evaluation.Protocol(nt_cond=nt_cond, nt_pred=nt - nt_cond, n_euler_steps=n_euler,
+                                   cond_euler_steps=n_euler, metrics=('psnr',), select_on='all', keep_videos=False)
+    return evaluation.BestOfN(graphdef, protocol, mesh=mesh)
 
-  @jax.jit
   def val_fn(params, stats, x, key):
-    model = nnx.merge(graphdef, params, stats, copy=True)
-    b, nt = x.shape[:2]
-    nt_pred = nt - nt_cond
-    video_ids = jnp.arange(b, dtype=jnp.int32)
-
-    def one_chunk(carry, c):
-      best_score, best_psnr = carry
-      sample_ids = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
-      noise = model.sample_pred_noise_per_sample(key, video_ids, sample_ids, nt_cond, nt_pred)
-      pred = model.predict(x[:, :nt_cond], noise, n_euler_steps=n_euler, reconstruct_cond=True)
-      frames = jnp.concatenate([pred.x_cond_rec, pred.x_pred], axis=2)
-      psnr = psnr_frames(frames, x)  # (S, B, T)
-      score = jnp.where((sample_ids < n_samples)[:, None], psnr.mean(-1), -jnp.inf)
-      pred_psnr = psnr[:, :, nt_cond:].mean(-1)
-      idx = jnp.argmax(score, axis=0)
-      chunk_best = jnp.take_along_axis(score, idx[None], 0)[0]
-      chunk_psnr = jnp.take_along_axis(pred_psnr, idx[None], 0)[0]
-      better = chunk_best > best_score
-      return (jnp.where(better, chunk_best, best_score), jnp.where(better, chunk_psnr, best_psnr)), None
-
-    init = (jnp.full((b,), -jnp.inf), jnp.zeros((b,)))
-    n_chunks = math.ceil(n_samples / chunk)
-    (_, best_psnr), _ = jax.lax.scan(one_chunk, init, jnp.arange(n_chunks))
-    return best_psnr
+    best_of_n = scorer(int(x.shape[1]))
+    states = best_of_n.replicate((params, stats)) if mesh is None else (params, stats)
+    return evaluation.validation_psnr(best_of_n, states, x, key, n_samples, chunk)
 
   return val_fn
 
@@ -299,7 +280,7 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   state = jax.device_put(state, replicated)
   key = jax.device_put(jax.random.key(int(cfg.seed) + 1), replicated)
   step_fn = jit_train_step(make_train_step(graphdef, cfg, tx), mesh)
-  val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test))
+  val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test), mesh)
   log = MetricLog(workdir, enabled=is_main)
 
   if train_batches is None:
@@ -367,8 +348,7 @@ def validate(val_fn, state: TrainState, batches: Iterator[np.ndarray], key, mesh
   total, n = 0.0, 0
   vkey = jax.random.fold_in(jax.random.key(int(cfg.seed) + 2), 0)  # Same samples at every validation.
   for i, x in enumerate(batches):
-    x = jnp.asarray(x)
-    psnr = np.asarray(val_fn(state.params, state.batch_stats, x, jax.random.fold_in(vkey, i)))
+    psnr = np.asarray(val_fn(state.params, state.batch_stats, np.asarray(x, np.float32), jax.random.fold_in(vkey, i)))
     total += float(psnr.sum())
     n += len(psnr)
     if i == 0 and write_media:

@@ -18,7 +18,8 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from srvp_jax import checkpoints, evaluate
+from srvp_jax import checkpoints, evaluate, evaluation
+from srvp_jax.evaluation import hooks, report
 from srvp_jax import config as config_lib
 from srvp_jax.data import make_test_set, mmnist, video_datasets_cli
 from srvp_jax.metrics import image
@@ -136,7 +137,10 @@ def test_startup_errors_are_one_line(tiny_ckpt, mmnist_dir, tmp_path, capsys):
       (str(tmp_path / 'no_ckpt'), ['--data_dir', mmnist_dir], 'not found'),
       (only_config, ['--data_dir', mmnist_dir], 'no checkpoint'),
       (tiny_ckpt, ['--data_dir', mmnist_dir, '--checkpoint', '9'], 'no checkpoint for step 9'),
-      (GOLDEN_VGG, ['--data_dir', mmnist_dir], 'convert_torch_ckpt.py'),  # Official folder, not converted.
+      (GOLDEN_VGG, ['--data_dir', mmnist_dir, '--checkpoint', 'best'], 'choose its weights with --model_name'),
+      (GOLDEN_VGG, ['--data_dir', mmnist_dir], 'BAIR test videos not found'),  # Official folder: read directly.
+      (tiny_ckpt, ['--data_dir', mmnist_dir, '--model_name', 'model.pt'], 'applies to official experiment'),
+      (tiny_ckpt, ['--data_dir', mmnist_dir, '--compare_official', str(tmp_path / 'nope.json')], 'nope.json'),
       (tiny_ckpt, ['--data_dir', mmnist_dir, '--metrics', 'fvd', '--nt_gen', '5'], 'FVD needs'),
   ]
   for ckpt, options, expected in cases:
@@ -285,7 +289,7 @@ def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmni
     seen.append(pred.shape)
     return _ssim_spec_numpy(pred, target)
 
-  res = evaluate.evaluate_videos(model, videos, nt_cond=NT_COND, n_samples=7, n_euler_steps=1, batch_size=8, seed=5,
+  res = evaluation.evaluate_videos(model, videos, nt_cond=NT_COND, n_samples=7, n_euler_steps=1, batch_size=8, seed=5,
                                  metrics=('psnr', 'ssim', 'lpips'), sample_chunk=7, lpips_fn=numpy_ssim,
                                  progress=False)
   assert seen == [(7, N_VIDEOS, NT_GEN - NT_COND, 64, 64, 1)]  # One batch of 3 videos (8 capped), one chunk.
@@ -310,9 +314,9 @@ def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir):
 
 
 def test_fvd_on_fewer_than_16_videos_says_why_it_is_not_comparable():
-  note = evaluate.fvd_note(4)
+  note = report.fvd_note(4)
   assert note and 'at least one chunk of 16 videos' in note and 'not comparable' in note and '\n' not in note
-  assert evaluate.fvd_note(16) is None and evaluate.fvd_note(256) is None
+  assert report.fvd_note(16) is None and report.fvd_note(256) is None
 
 
 def test_bfloat16_trained_model_is_evaluated_in_float32(tmp_path):
@@ -330,7 +334,7 @@ def test_test_time_euler_steps_keep_the_conditioning_inference(tiny_ckpt, mmnist
   """--n_euler_steps changes the rollout only: cond_rec is inferred with the training value (official test.py)."""
   model, cfg, _ = evaluate.load_model(tiny_ckpt, 'best')
   videos = mmnist.load_test_set(mmnist_dir, False, NT_GEN)
-  run = lambda steps: evaluate.evaluate_videos(
+  run = lambda steps: evaluation.evaluate_videos(
       model, videos, nt_cond=NT_COND, n_samples=2, n_euler_steps=steps, train_euler_steps=int(cfg.n_euler_steps),
       batch_size=8, seed=5, metrics=('psnr',), sample_chunk=2, progress=False)
   same, other = run(int(cfg.n_euler_steps)), run(int(cfg.n_euler_steps) + 2)
@@ -383,6 +387,14 @@ def test_converted_official_vgg_skip_checkpoint_on_bair(bair_dir, tmp_path):
     assert values.shape == (3,) and np.isfinite(values).all()
     assert report['metrics'][m]['mean'] == pytest.approx(float(np.mean(values.astype(np.float64))), rel=1e-12)
   assert (results['ssim'] <= 1).all() and (results['psnr'] > 0).all()
+  # The official folder itself (converted in memory, as the official test.py --xp_dir) gives the same numbers.
+  out_official = str(tmp_path / 'eval_official')
+  assert evaluate.main([GOLDEN_VGG, '--data_dir', bair_dir, '--metrics', 'psnr,ssim', '--nt_gen', str(nt_gen),
+                        '--n_samples', '3', '--batch_size', '2', '--n_show', '0', '--out', out_official,
+                        '--no_progress']) == 0
+  with np.load(os.path.join(out_official, 'results.npz')) as f:
+    for m, values in f.items():
+      np.testing.assert_array_equal(values, results[m])
   for name in ['random_1', 'random_3', 'psnr_best', 'psnr_worst', 'ssim_best', 'ssim_worst']:
     videos = _samples(out, name)
     assert videos.shape == (3, nt_gen - nt_cond, 64, 64, 3) and videos.dtype == np.uint8
@@ -455,9 +467,9 @@ def test_lpips_without_backbone_fails_at_startup(tiny_ckpt, mmnist_dir, tmp_path
   cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth'
   cached.parent.mkdir(parents=True)
   cached.write_bytes(b'')
-  assert evaluate.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
+  assert hooks.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
   monkeypatch.delenv(evaluate.RANDOM_BACKBONE_ENV)
-  assert evaluate.resolve_lpips_backbone(None) == str(cached)
+  assert hooks.resolve_lpips_backbone(None) == str(cached)
   assert not os.path.exists(tmp_path / 'out')
 
 

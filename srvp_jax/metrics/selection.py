@@ -4,7 +4,8 @@ The official `test.py` scans samples in order: sample 0 initialises best and wor
 sample replaces them only when it is strictly better (worse), so the first sample wins ties and a NaN
 never replaces (nor is replaced by a comparison that involves it). We fold samples with the same
 rule, either all at once from an (S, B) array or chunk by chunk while sampling, so that only the
-kept uint8 videos stay in memory.
+kept payload of each video stays in memory: the uint8 predicted videos (evaluation), or any other per-sample
+quantity (validation keeps the chosen sample's PSNR over the predicted frames).
 
 Metric direction: psnr and ssim are higher-is-better, lpips (and mse) lower-is-better.
 """
@@ -58,8 +59,8 @@ def select_best_worst(values, name):
   return {'best_value': b_val, 'best_index': b_idx, 'worst_value': w_val, 'worst_index': w_idx}
 
 
-def init_state(names, batch_size, video_shape):
-  """Empty streaming state for metrics `names`, `batch_size` videos of uint8 shape `video_shape`.
+def init_state(names, batch_size, video_shape, dtype=jnp.uint8):
+  """Empty streaming state for metrics `names`, `batch_size` payloads of shape `video_shape` and `dtype`.
 
   The state maps each name to a dict: best_value, best_index, best_video, worst_value, worst_index,
   worst_video; indices are -1 until the first sample is folded in.
@@ -69,24 +70,26 @@ def init_state(names, batch_size, video_shape):
     _direction(name)
     value = jnp.zeros((batch_size,), jnp.float32)
     index = jnp.full((batch_size,), -1, jnp.int32)
-    video = jnp.zeros((batch_size,) + tuple(video_shape), jnp.uint8)
+    video = jnp.zeros((batch_size,) + tuple(video_shape), dtype)
     state[name] = {'best_value': value, 'best_index': index, 'best_video': video,
                    'worst_value': value, 'worst_index': index, 'worst_video': video}
   return state
 
 
 @jax.jit
-def update(state, values_chunk, samples_chunk_uint8, chunk_offset):
+def update(state, values_chunk, samples_chunk, chunk_offset):
   """Folds a chunk of s samples into the state; samples are numbered from `chunk_offset`.
 
-  values_chunk maps each metric name of the state to an (s, B) array; samples_chunk_uint8 is the
-  (s, B, ...) uint8 array of the predicted videos. Chunks must be folded in sample order.
+  values_chunk maps each metric name of the state to an (s, B) array; samples_chunk is the (s, B, ...)
+  payload of the samples (uint8 predicted videos, or any array of the state's dtype). Chunks must be folded
+  in sample order.
   """
   if set(values_chunk) != set(state):
     raise ValueError(f'metric names {sorted(values_chunk)} do not match the state {sorted(state)}')
-  samples = jnp.asarray(samples_chunk_uint8)
-  if samples.dtype != jnp.uint8:
-    raise ValueError(f'samples must be uint8, got {samples.dtype}')
+  samples = jnp.asarray(samples_chunk)
+  kept = next(iter(state.values()))['best_video'].dtype
+  if samples.dtype != kept:
+    raise ValueError(f'samples must be {kept} as the state, got {samples.dtype}')
   offset = jnp.asarray(chunk_offset, jnp.int32)
   batch_index = jnp.arange(samples.shape[1])
   new_state = {}
