@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -66,7 +67,9 @@ def _video(path: str, max_frames: int | None) -> Clip:
   gen: Iterator = imageio_ffmpeg.read_frames(path)
   frames = []
   try:
-    meta = next(gen)
+    with warnings.catch_warnings():  # JAX warns on fork; subprocess execs ffmpeg at once, which is safe.
+      warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
+      meta = next(gen)
     width, height = meta['size']
     for raw in gen:
       frames.append(np.frombuffer(raw, np.uint8).reshape(height, width, 3))

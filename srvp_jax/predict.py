@@ -35,6 +35,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -337,7 +338,9 @@ def save_mp4(path: str, frames: np.ndarray, fps: float) -> None:
   ph, pw = -h % 16, -w % 16
   frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=255)
   writer = imageio_ffmpeg.write_frames(path, (w + pw, h + ph), fps=fps, macro_block_size=16, ffmpeg_log_level='error')
-  writer.send(None)
+  with warnings.catch_warnings():  # JAX warns on fork; subprocess execs ffmpeg at once, which is safe.
+    warnings.filterwarnings('ignore', message='os.fork', category=RuntimeWarning)
+    writer.send(None)
   for frame in frames:
     writer.send(np.ascontiguousarray(frame).tobytes())
   writer.close()
@@ -393,7 +396,7 @@ def _startup(args) -> dict[str, Any]:
     os.makedirs(args.out, exist_ok=True)
   except OSError as e:
     raise StartupError(f'cannot create the output folder {args.out}: {e.strerror or e}') from None
-  setup['fps'] = args.fps / args.stride if args.fps else (setup['clip'].fps or DEFAULT_FPS)
+  setup['fps'] = (args.fps or DEFAULT_FPS) / args.stride if args.fps or not setup['clip'].fps else setup['clip'].fps
   return setup
 
 
