@@ -111,7 +111,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   common.add_argument('--n_frames', type=_positive, default=None, help='Read at most this many frames.')
   common.add_argument('--fit', choices=clips.FITS, default='crop',
                       help='crop: centred square crop then resize (default); stretch: resize the whole frame.')
-  common.add_argument('--n_samples', type=_positive, default=None, help='Samples drawn together.')
+  common.add_argument('--n_samples', type=_positive, default=None,
+                      help='Samples, computed together (default: 4 for future, 1 for swap and interpolate).')
   common.add_argument('--seed', type=int, default=0, help='Seed of the noise (default 0).')
   common.add_argument('--fps', type=_positive_float, default=None,
                       help=f'Frame rate of the clip (default: the file\'s, else {DEFAULT_FPS:g}), divided by --stride.')

@@ -165,15 +165,19 @@ def _reconstruction(model, x, noise, n_steps):
   return model.predict(x, noise, n_euler_steps=n_steps, reconstruct_cond=True)
 
 
+@nnx.jit(static_argnames=('n',))
+def _integrate_both(model, y0, eps, q, n):
+  return model.integrate(y0, eps, n, q), model.integrate_path(y0, eps, n, q)
+
+
 def test_integrate_path_holds_every_euler_state(loaded):
   model, _ = loaded
   k = jax.random.split(jax.random.key(0), 3)
   y0 = jax.random.normal(k[0], (2, model.ny))
   eps = jax.random.normal(k[1], (2, 4, model.nz))
   q = jax.random.normal(k[2], (2, 4, 2 * model.nz))
-  for n in (1, 3):
-    ys, _, _, res = model.integrate(y0, eps, n, q)
-    path = model.integrate_path(y0, eps, n, q)
+  for n, q_params in ((1, q), (3, None)):  # Posterior inference, prior rollout.
+    (ys, _, _, res), path = _integrate_both(model, y0, eps, q_params, n)
     assert path.shape == (2, 4 * n, model.ny)
     np.testing.assert_array_equal(path[:, n - 1::n], ys)
     steps = np.diff(np.concatenate([np.asarray(y0)[:, None], path], 1), axis=1)
@@ -252,6 +256,23 @@ def test_swap_end_to_end(ckpt, clip_files, tmp_path):
   assert len(frames) == t_b + 2 and ms == 500  # Folder of frames: 4 fps, one frame in 2 kept.
 
 
+@nnx.jit
+def _euler_reference(model, x, noise, y):
+  """From the states y (S, 1 + 4 N_EULER + 2 N_EULER, ny) of a 5-frame clip + 2 prior frames: integrate's
+  integer-time states and residuals over the clip from y[:, 0], those of the prior from y at the last frame,
+  and the frames decoded from y."""
+  s = y.shape[0]
+  cond = model.condition(x)
+
+  def tile(a):
+    return jnp.broadcast_to(a, (s, *a.shape[1:]))
+
+  ys, _, _, res = model.integrate(y[:, 0], noise.eps_z_post[:, 0], N_EULER, tile(cond.q_z))
+  _, _, _, res_prior = model.integrate(y[:, 4 * N_EULER], noise.eps_z_prior[:, 0], N_EULER)
+  decoded = model.decode(tile(cond.w), y, [tile(sk) for sk in cond.skips], train=False)
+  return (ys, res, res_prior), decoded
+
+
 def test_interpolate_factor_one_and_euler_states(loaded, clip_files):
   model, cfg = loaded
   frames = clips.fit(clip_files[0], 1)[:5]
@@ -267,17 +288,11 @@ def test_interpolate_factor_one_and_euler_states(loaded, clip_files):
   np.testing.assert_allclose(full['times'], np.arange(n_out) / N_EULER)
   np.testing.assert_allclose(full['samples'][:, :5 * N_EULER - 1:N_EULER], one['samples'], atol=1e-6)
   # The decoded states are exactly the Euler states: the integer-time states and every residual of integrate.
-  noise = _noise(model, 2, 2, 5, 2)
-  cond = model.condition(x)
+  (ys, res, res_prior), decoded = _euler_reference(model, x, _noise(model, 2, 2, 5, 2), jnp.asarray(full['y']))
   y = full['y']
-  q_z = jnp.broadcast_to(cond.q_z, (2, *cond.q_z.shape[1:]))
-  ys, _, _, res = model.integrate(jnp.asarray(y[:, 0]), noise.eps_z_post[:, 0], N_EULER, q_z)
   np.testing.assert_allclose(y[:, N_EULER:4 * N_EULER + 1:N_EULER], ys, atol=1e-6)
   np.testing.assert_allclose(np.diff(y[:, :4 * N_EULER + 1], axis=1), res, atol=1e-6)
-  _, _, _, res_prior = model.integrate(jnp.asarray(y[:, 4 * N_EULER]), noise.eps_z_prior[:, 0], N_EULER)
   np.testing.assert_allclose(np.diff(y[:, 4 * N_EULER:], axis=1), res_prior, atol=1e-5)
-  skips = [jnp.broadcast_to(s, (2, *s.shape[1:])) for s in cond.skips]
-  decoded = model.decode(jnp.broadcast_to(cond.w, (2, cond.w.shape[1])), jnp.asarray(y), skips, train=False)
   np.testing.assert_allclose(full['samples'], decoded, atol=1e-5)
 
   refined = predict.interpolate(model, cfg, frames, factor=3, n_future=0, n_samples=1, seed=2)
