@@ -198,7 +198,11 @@ def _gif_frames(path):
     return [np.asarray(f.convert('RGB')) for f in ImageSequence.Iterator(im)], im.info['duration']
 
 
-def test_future_end_to_end(ckpt, clip_files, tmp_path, capsys):
+def _as_input(frames):
+  return jnp.asarray(frames[None], jnp.float32) / 255.
+
+
+def test_future_end_to_end(ckpt, loaded, clip_files, tmp_path, capsys):
   _, paths = clip_files
   nt_cond = TINY['nt_cond']
   args = ['future', ckpt, '--input', paths['gif'], '--n_future', '6', '--n_samples', '3', '--seed', '5']
@@ -215,6 +219,11 @@ def test_future_end_to_end(ckpt, clip_files, tmp_path, capsys):
   frames, ms = _gif_frames(tmp_path / 'a' / 'future.gif')
   assert len(frames) == nt_cond + 6 and ms == 200  # The GIF's 5 fps.
   assert frames[0].shape[1] > 4 * 64  # Clip + 3 samples.
+  # The samples are the model's official prediction with the noise of (seed, sample index).
+  model, _ = loaded
+  ref = _reconstruction(model, _as_input(clips.fit(clip_files[0][:nt_cond], 1)), _noise(model, 5, 3, nt_cond, 6), N_EULER)
+  np.testing.assert_allclose(res['samples'], ref.x_pred[:, 0], atol=1e-6)
+  np.testing.assert_allclose(res['cond_rec'], ref.x_cond_rec[:, 0], atol=1e-6)
   # Same seed, same samples (here from the same frames in .npy); another seed, other samples.
   assert predict.main(args[:3] + [paths['npy']] + args[4:] + ['--out', str(tmp_path / 'b')]) == 0
   np.testing.assert_array_equal(_npz(tmp_path / 'b' / 'future.npz')['samples'], res['samples'])
@@ -222,83 +231,67 @@ def test_future_end_to_end(ckpt, clip_files, tmp_path, capsys):
   assert not np.allclose(_npz(tmp_path / 'c' / 'future.npz')['samples'], res['samples'])
 
 
-def test_future_samples_are_the_official_prediction(loaded, clip_files):
-  model, cfg = loaded
-  frames = clips.fit(clip_files[0], 1)
-  res = predict.future(model, cfg, frames, nt_cond=4, n_future=2, n_samples=2, seed=3)
-  ref = _reconstruction(model, jnp.asarray(frames[None, :4], jnp.float32) / 255., _noise(model, 3, 2, 4, 2), N_EULER)
-  np.testing.assert_allclose(res['samples'], ref.x_pred[:, 0], atol=1e-6)
-  np.testing.assert_allclose(res['cond_rec'], ref.x_cond_rec[:, 0], atol=1e-6)
-
-
-def test_swap_with_the_same_clip_is_the_reconstruction(loaded, clip_files):
-  model, cfg = loaded
-  frames = clips.fit(clip_files[0], 1)
-  res = predict.swap(model, cfg, frames, frames, n_future=3, n_samples=2, seed=1)
-  assert res['samples'].shape == (2, T_CLIP + 3, 64, 64, 1)
-  ref = _reconstruction(model, jnp.asarray(frames[None], jnp.float32) / 255., _noise(model, 1, 2, T_CLIP, 3), N_EULER)
-  np.testing.assert_allclose(res['samples'][:, :T_CLIP], ref.x_cond_rec[:, 0], atol=1e-6)
-  np.testing.assert_allclose(res['samples'][:, T_CLIP:], ref.x_pred[:, 0], atol=1e-6)
-  other = predict.swap(model, cfg, frames[::-1], frames, n_future=3, n_samples=2, seed=1)
-  assert np.abs(other['samples'] - res['samples']).max() > 1e-3  # Content (w, skips) from the other clip.
-
-
-def test_swap_end_to_end(ckpt, clip_files, tmp_path):
+def test_swap_end_to_end(ckpt, loaded, clip_files, tmp_path):
+  """A = B (a folder of frames, one in 2) is B's reconstruction and prediction; A from an MP4 changes it."""
   _, paths = clip_files
-  assert predict.main(['swap', ckpt, '--content', paths['mp4'], '--motion', paths['png'], '--n_future', '2',
-                       '--n_samples', '2', '--stride', '2', '--out', str(tmp_path)]) == 0
-  res = _npz(tmp_path / 'swap.npz')
+  args = ['swap', ckpt, '--motion', paths['png'], '--n_future', '2', '--n_samples', '2', '--stride', '2']
+  assert predict.main(args + ['--content', paths['png'], '--out', str(tmp_path / 'a')]) == 0
+  res = _npz(tmp_path / 'a' / 'swap.npz')
   t_b = len(range(0, T_CLIP, 2))
   assert res['content'].shape == res['motion'].shape == (t_b, 64, 64, 1)
   assert res['samples'].shape == (2, t_b + 2, 64, 64, 1)
   assert 0 <= res['samples'].min() and res['samples'].max() <= 1
-  frames, ms = _gif_frames(tmp_path / 'swap.gif')
+  frames, ms = _gif_frames(tmp_path / 'a' / 'swap.gif')
   assert len(frames) == t_b + 2 and ms == 500  # Folder of frames: 4 fps, one frame in 2 kept.
+  model, _ = loaded
+  ref = _reconstruction(model, _as_input(clips.fit(clip_files[0][::2], 1)), _noise(model, 0, 2, t_b, 2), N_EULER)
+  np.testing.assert_allclose(res['samples'][:, :t_b], ref.x_cond_rec[:, 0], atol=1e-6)
+  np.testing.assert_allclose(res['samples'][:, t_b:], ref.x_pred[:, 0], atol=1e-6)
+  assert predict.main(args + ['--content', paths['mp4'], '--out', str(tmp_path / 'b')]) == 0
+  other = _npz(tmp_path / 'b' / 'swap.npz')
+  np.testing.assert_array_equal(other['motion'], res['motion'])
+  assert np.abs(other['samples'] - res['samples']).max() > 1e-3  # Content (w, skips) from the other clip.
 
 
 @nnx.jit
 def _euler_reference(model, x, noise, y):
-  """From the states y (S, 1 + 4 N_EULER + 2 N_EULER, ny) of a 5-frame clip + 2 prior frames: integrate's
-  integer-time states and residuals over the clip from y[:, 0], those of the prior from y at the last frame,
-  and the frames decoded from y."""
-  s = y.shape[0]
+  """From the states y (S, 1 + (T - 1 + n_future) N_EULER, ny) of a T-frame clip and its prior continuation:
+  integrate's integer-time states and residuals over the clip from y[:, 0], those of the prior from y at the
+  last frame, and the frames decoded from y."""
+  s, last = y.shape[0], (x.shape[1] - 1) * N_EULER
   cond = model.condition(x)
 
   def tile(a):
     return jnp.broadcast_to(a, (s, *a.shape[1:]))
 
   ys, _, _, res = model.integrate(y[:, 0], noise.eps_z_post[:, 0], N_EULER, tile(cond.q_z))
-  _, _, _, res_prior = model.integrate(y[:, 4 * N_EULER], noise.eps_z_prior[:, 0], N_EULER)
+  _, _, _, res_prior = model.integrate(y[:, last], noise.eps_z_prior[:, 0], N_EULER)
   decoded = model.decode(tile(cond.w), y, [tile(sk) for sk in cond.skips], train=False)
   return (ys, res, res_prior), decoded
 
 
 def test_interpolate_factor_one_and_euler_states(loaded, clip_files):
   model, cfg = loaded
-  frames = clips.fit(clip_files[0], 1)[:5]
-  x = jnp.asarray(frames[None], jnp.float32) / 255.
-  ref = _reconstruction(model, x, _noise(model, 2, 2, 5, 1), N_EULER)
-  one = predict.interpolate(model, cfg, frames, factor=1, n_future=0, n_samples=2, seed=2)
-  assert one['samples'].shape == (2, 5, 64, 64, 1) and int(one['euler_steps_per_frame']) == N_EULER
+  frames = clips.fit(clip_files[0][::2], 1)
+  t = len(frames)
+  x = _as_input(frames)
+  ref = _reconstruction(model, x, _noise(model, 0, 2, t, 2), N_EULER)
+  one = predict.interpolate(model, cfg, frames, factor=1, n_future=0, n_samples=2, seed=0)
+  assert one['samples'].shape == (2, t, 64, 64, 1) and int(one['euler_steps_per_frame']) == N_EULER
   np.testing.assert_allclose(one['samples'], ref.x_cond_rec[:, 0], atol=1e-6)
 
-  full = predict.interpolate(model, cfg, frames, factor=N_EULER, n_future=2, n_samples=2, seed=2)
-  n_out = 1 + (5 - 1 + 2) * N_EULER
+  full = predict.interpolate(model, cfg, frames, factor=N_EULER, n_future=2, n_samples=2, seed=0)
+  n_out, last = 1 + (t - 1 + 2) * N_EULER, (t - 1) * N_EULER
   assert full['samples'].shape == (2, n_out, 64, 64, 1) and full['y'].shape == (2, n_out, model.ny)
   np.testing.assert_allclose(full['times'], np.arange(n_out) / N_EULER)
-  np.testing.assert_allclose(full['samples'][:, :5 * N_EULER - 1:N_EULER], one['samples'], atol=1e-6)
+  np.testing.assert_allclose(full['samples'][:, :last + 1:N_EULER], one['samples'], atol=1e-6)
   # The decoded states are exactly the Euler states: the integer-time states and every residual of integrate.
-  (ys, res, res_prior), decoded = _euler_reference(model, x, _noise(model, 2, 2, 5, 2), jnp.asarray(full['y']))
   y = full['y']
-  np.testing.assert_allclose(y[:, N_EULER:4 * N_EULER + 1:N_EULER], ys, atol=1e-6)
-  np.testing.assert_allclose(np.diff(y[:, :4 * N_EULER + 1], axis=1), res, atol=1e-6)
-  np.testing.assert_allclose(np.diff(y[:, 4 * N_EULER:], axis=1), res_prior, atol=1e-5)
+  (ys, res, res_prior), decoded = _euler_reference(model, x, _noise(model, 0, 2, t, 2), jnp.asarray(y))
+  np.testing.assert_allclose(y[:, N_EULER:last + 1:N_EULER], ys, atol=1e-6)
+  np.testing.assert_allclose(np.diff(y[:, :last + 1], axis=1), res, atol=1e-6)
+  np.testing.assert_allclose(np.diff(y[:, last:], axis=1), res_prior, atol=1e-5)
   np.testing.assert_allclose(full['samples'], decoded, atol=1e-5)
-
-  refined = predict.interpolate(model, cfg, frames, factor=3, n_future=0, n_samples=1, seed=2)
-  assert refined['samples'].shape == (1, 1 + 4 * 3, 64, 64, 1)  # lcm(3, 2) = 6 Euler steps, every 2nd decoded.
-  assert int(refined['euler_steps_per_frame']) == 6
-  np.testing.assert_allclose(refined['samples'][0, 0], one['samples'][0, 0], atol=1e-6)  # Same y_1.
 
 
 def test_interpolate_end_to_end(ckpt, clip_files, tmp_path):
@@ -309,6 +302,7 @@ def test_interpolate_end_to_end(ckpt, clip_files, tmp_path):
   n_out = 1 + (4 - 1 + 1) * 3
   res = _npz(tmp_path / 'a' / 'interpolate.npz')
   assert res['samples'].shape == (1, n_out, 64, 64, 1) and float(res['fps']) == 15.
+  assert int(res['euler_steps_per_frame']) == 6  # lcm(3, 2) Euler steps per frame, every 2nd state decoded.
   assert 0 <= res['samples'].min() and res['samples'].max() <= 1
   frames, ms = _gif_frames(tmp_path / 'a' / 'interpolate.gif')
   assert len(frames) == n_out and ms in (60, 70)  # 1000 / 15 ms, in GIF centiseconds.
