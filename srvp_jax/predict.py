@@ -11,20 +11,21 @@
   frames, then ``--n_future`` prior frames) decoded at times t + j / K, i.e. K times the frame rate. The
   dynamics are integrated with lcm(K, n_euler_steps) Euler steps per frame (z constant over a frame, as in
   training) and every lcm / K-th state is decoded: for K dividing the model's n_euler_steps these are the
-  model's own Euler states (K = 1 is the plain reconstruction), otherwise the step is refined.
+  model's own Euler states (K = 1 is the plain reconstruction, K = n_euler_steps all its Euler states);
+  otherwise the step is refined (for K a multiple of n_euler_steps, K steps per frame, all decoded).
 
 Clips: a GIF, a video (``.mp4 .avi ...`` through imageio-ffmpeg's ffmpeg), a folder of image frames or a
 ``.npy`` / ``.npz`` array, fitted to 64x64 and the model's channels as ``srvp_jax.clips`` says
 (``--fit crop``: centred square crop, Lanczos resize; nc=1: luminance; nc=3 from grey: repeated).
 ``--start`` / ``--stride`` / ``--n_frames`` pick the frames.
 
-Everything is one compiled call with the S samples computed together; sample s uses the noise of key
+The S samples are computed together in one compiled call (nnx.jit); sample s uses the noise of key
 fold_in(fold_in(key(seed), 0), s), as the evaluation does, so it does not depend on S.
 Outputs in ``--out`` (default ``predictions``): ``<command>.gif`` (green: given frames, blue: the clip's
 next frames, orange: decoded from states inferred from the clip, red: from the prior, grey: held last
-frame), ``<command>.npz`` (float32 frames in [0, 1]; see ``write_*``), and for interpolate
-``interpolate.mp4``. Errors are one ``error: ...`` line: exit status 2 before any work (arguments,
-checkpoint, clips, output folder), 1 if the computation or writing fails.
+frame), ``<command>.npz`` (what ``future`` / ``swap`` / ``interpolate`` return, frames float32 in [0, 1],
+and ``fps``), and for interpolate ``interpolate.mp4``. Errors are one ``error: ...`` line: exit status 2
+before any work (arguments, checkpoint, clips, output folder), 1 if the computation or writing fails.
 """
 
 from __future__ import annotations
@@ -98,8 +99,9 @@ def _positive_float(text: str) -> float:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = _Parser(prog='python -m srvp_jax.predict', description='SRVP on your own clips: future frames, content / '
-              'dynamics swap, higher frame rate.', epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = _Parser(prog='python -m srvp_jax.predict',
+              description='SRVP on your own clips: future frames, content / dynamics swap, higher frame rate.',
+              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('ckpt_dir', metavar='CKPT_DIR',
                       help='Checkpoint folder of ours, or an official experiment folder (config.json + model.pt).')
@@ -384,7 +386,8 @@ def _startup(args) -> dict[str, Any]:
   if args.command == 'future':
     nt_cond = int(args.nt_cond or cfg.nt_cond)
     if nt_cond < nt_inf:
-      raise StartupError(f'--nt_cond {nt_cond} is smaller than the model\'s nt_inf={nt_inf}: give --nt_cond >= {nt_inf}')
+      raise StartupError(f'--nt_cond {nt_cond} is smaller than the model\'s nt_inf={nt_inf}: '
+                         f'give --nt_cond >= {nt_inf}')
     n_read = min(args.n_frames or nt_cond + args.n_future, nt_cond + args.n_future)
     setup['clip'] = _load_clip(args.input, cfg, args, n_read, nt_cond, f'the clip (nt_cond={nt_cond})')
     setup['nt_cond'] = nt_cond

@@ -221,7 +221,8 @@ def test_future_end_to_end(ckpt, loaded, clip_files, tmp_path, capsys):
   assert frames[0].shape[1] > 4 * 64  # Clip + 3 samples.
   # The samples are the model's official prediction with the noise of (seed, sample index).
   model, _ = loaded
-  ref = _reconstruction(model, _as_input(clips.fit(clip_files[0][:nt_cond], 1)), _noise(model, 5, 3, nt_cond, 6), N_EULER)
+  x_cond = _as_input(clips.fit(clip_files[0][:nt_cond], 1))
+  ref = _reconstruction(model, x_cond, _noise(model, 5, 3, nt_cond, 6), N_EULER)
   np.testing.assert_allclose(res['samples'], ref.x_pred[:, 0], atol=1e-6)
   np.testing.assert_allclose(res['cond_rec'], ref.x_cond_rec[:, 0], atol=1e-6)
   # Same seed, same samples (here from the same frames in .npy); another seed, other samples.
