@@ -18,6 +18,7 @@ from srvp_jax import config as config_lib
 from srvp_jax.model import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN_DCGAN = os.path.join(ROOT, 'tests', 'data', 'golden', 'dcgan')  # An official folder: config.json + model.pt.
 # dcgan with skip connections (the swap takes A's skips) and 2 Euler steps per frame (interpolation).
 TINY = dict(dataset='smmnist', nc=1, nf=4, nhx=8, ny=3, nz=3, nh_inf=8, nh_res=8, nlayers_inf=2, nlayers_res=2,
             nt_inf=2, nt_cond=3, seq_len=5, skipco=True, n_euler_steps=2)
@@ -254,6 +255,14 @@ def test_swap_end_to_end(ckpt, loaded, clip_files, tmp_path):
   assert np.abs(other['samples'] - res['samples']).max() > 1e-3  # Content (w, skips) from the other clip.
 
 
+def test_official_experiment_folder(clip_files, tmp_path):
+  """An official folder (config.json + model.pt) is converted in memory; its model is grey with nt_cond=3."""
+  assert predict.main(['future', GOLDEN_DCGAN, '--input', clip_files[1]['mp4'], '--n_future', '2', '--n_samples', '1',
+                       '--out', str(tmp_path)]) == 0
+  res = _npz(tmp_path / 'future.npz')
+  assert res['samples'].shape == (1, 2, 64, 64, 1) and res['psnr'].shape == (1, 2)
+
+
 @nnx.jit
 def _euler_reference(model, x, noise, y):
   """From the states y (S, 1 + (T - 1 + n_future) N_EULER, ny) of a T-frame clip and its prior continuation:
@@ -334,6 +343,10 @@ def test_bad_inputs_are_one_line(ckpt, clip_files, tmp_path, capsys):
       'no checkpoint for step 3': ['future', ckpt, '--checkpoint', '3', '--input', paths['npy'], '--n_future', '2'],
       'nt_inf=2': ['future', ckpt, '--input', paths['npy'], '--n_future', '2', '--nt_cond', '1'],
       'must be a positive integer': ['interpolate', ckpt, '--input', paths['npy'], '--factor', '0'],
+      'no model_best.pt in': ['future', GOLDEN_DCGAN, '--model_name', 'model_best.pt', '--input', paths['npy'],
+                              '--n_future', '2'],
+      '--model_name applies to official': ['future', ckpt, '--model_name', 'model.pt', '--input', paths['npy'],
+                                           '--n_future', '2'],
   }
   (tmp_path / 'two.npy.txt').write_text('x')
   for expected, argv in cases.items():
