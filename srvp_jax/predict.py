@@ -248,6 +248,7 @@ def swap(model, cfg, content: np.ndarray, motion: np.ndarray, *, n_future: int, 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   train_steps = int(cfg.n_euler_steps)
   xa, xb = _as_batch(content), _as_batch(motion)
+  # At least one prior frame is predicted (the noise of B's frames does not depend on how many); extras are dropped.
   rec, pred = compiled('predict')(model, jax.random.key(seed), xb, xa, _sample_ids(n_samples),
                                   nt_pred=max(n_future, 1), n_euler_steps=int(n_euler_steps or train_steps),
                                   cond_euler_steps=train_steps)
