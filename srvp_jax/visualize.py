@@ -101,6 +101,35 @@ def gif_frames(cond: np.ndarray, truth: np.ndarray, preds: Mapping[str, np.ndarr
   return np.concatenate(rows, axis=1)
 
 
+def hold(video: np.ndarray, length: int) -> np.ndarray:
+  """(T, H, W, C) -> (length, H, W, C): the last frame repeated (T <= length)."""
+  return np.concatenate([video, np.repeat(video[-1:], length - len(video), axis=0)]) if len(video) < length else video
+
+
+def panel_grid(panels: Sequence[tuple[str, np.ndarray]], ncols: int) -> np.ndarray:
+  """Animated grid (T, H, W, 3) uint8 of labelled videos (T_i, h, w, 3), ``ncols`` per row, the label above each.
+
+  Videos shorter than the longest hold their last frame.
+  """
+  if not panels:
+    raise ValueError('no video to draw')
+  t = max(len(v) for _, v in panels)
+  fh, fw = panels[0][1].shape[1:3]
+  label_h = 14
+  ncols = max(1, min(int(ncols), len(panels)))
+  nrows = -(-len(panels) // ncols)
+  cell_h, cell_w = label_h + fh + GAP, fw + GAP
+  grid = np.full((t, nrows * cell_h, ncols * cell_w, 3), 255, np.uint8)
+  for i, (name, video) in enumerate(panels):
+    r, c = divmod(i, ncols)
+    y, x = r * cell_h, c * cell_w
+    tile = Image.new('RGB', (fw, label_h), (255, 255, 255))
+    ImageDraw.Draw(tile).text((1, 1), name, fill=(0, 0, 0), font=ImageFont.load_default())
+    grid[:, y:y + label_h, x:x + fw] = np.asarray(tile)
+    grid[:, y + label_h:y + label_h + fh, x:x + fw] = hold(to_rgb(video), t)
+  return grid
+
+
 def save_png(path: str, image: np.ndarray) -> None:
   """Writes an (H, W, 3) uint8 image."""
   Image.fromarray(np.asarray(image, np.uint8)).save(path)

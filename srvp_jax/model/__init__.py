@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from srvp_jax.model.srvp import SRVP, Latents, PredNoise, Prediction, TrainNoise, gaussian, param_count, rsample
+from srvp_jax.model.srvp import (SRVP, Conditioning, Latents, PredNoise, Prediction, TrainNoise, gaussian, param_count,
+                                  rsample)
 
-__all__ = ['SRVP', 'Latents', 'PredNoise', 'Prediction', 'TrainNoise', 'build_model', 'gaussian', 'param_count',
-           'rsample', 'COMPUTE_DTYPES', 'PARAM_DTYPES']
+__all__ = ['SRVP', 'Conditioning', 'Latents', 'PredNoise', 'Prediction', 'TrainNoise', 'build_model', 'gaussian',
+           'param_count', 'rsample', 'COMPUTE_DTYPES', 'PARAM_DTYPES']
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PARAM_DTYPES = {'float32': jnp.float32, 'float64': jnp.float64}

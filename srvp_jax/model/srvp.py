@@ -91,6 +91,14 @@ class Prediction(NamedTuple):
   x_cond_rec: Array | None  # (S, B, nt_cond, H, W, C) reconstruction of the conditioning frames.
 
 
+class Conditioning(NamedTuple):
+  """What test-time frames give before sampling (``SRVP.condition``)."""
+  w: Array  # (B, nh_inf) content variable.
+  skips: list[Array] | None  # Decoder skips [(B, h, w, c)] deepest first (None without skip connections).
+  q_y0: Array  # (B, 2 ny) raw parameters of q(y_1).
+  q_z: Array  # (B, T-1, 2 nz) raw parameters of q(z_t).
+
+
 class SRVP(nnx.Module):
   """Stochastic Latent Residual Video Predictor (official module names in ``torch_tensors``)."""
 
@@ -162,24 +170,40 @@ class SRVP(nnx.Module):
     Returns y (B, K, ny) the states at integer times after y0, z (B, K, nz), p_z (B, K, 2nz) and
     the residuals (B, K * n_euler_steps, ny).
     """
+    ys, zs, ps, res, _ = self._rollout(y0, eps, n_euler_steps, q_params)
+    return ys, zs, ps, res
+
+  def integrate_path(self, y0: Array, eps: Array, n_euler_steps: int, q_params: Array | None = None) -> Array:
+    """The states after every Euler step of ``integrate`` (same arguments): (B, K * n_euler_steps, ny).
+
+    State t * n_euler_steps + j - 1 is the state at time t + j / n_euler_steps (j = 1..n_euler_steps), so
+    every n_euler_steps-th one is a state at an integer time, the value ``integrate`` returns.
+    """
+    return self._rollout(y0, eps, n_euler_steps, q_params)[4]
+
+  def _rollout(self, y0, eps, n_euler_steps, q_params):
     dt = 1.0 / n_euler_steps
 
     def euler(y, z):
       res = dt * self.dynamics(jnp.concatenate([y, z], axis=-1)).astype(self.param_dtype)
-      return y + res, res
+      y = y + res
+      return y, (res, y)
 
     def frame(y, inputs):
       eps_t, q_t = inputs
       p_t = self.p_z(y).astype(self.param_dtype)
       z = rsample(p_t if q_t is None else q_t, eps_t)
-      y, res = jax.lax.scan(lambda yy, _: euler(yy, z), y, None, length=n_euler_steps)
-      return y, (y, z, p_t, res)
+      y, (res, path) = jax.lax.scan(lambda yy, _: euler(yy, z), y, None, length=n_euler_steps)
+      return y, (y, z, p_t, res, path)
 
     xs = (jnp.swapaxes(eps, 0, 1), None if q_params is None else jnp.swapaxes(q_params, 0, 1))
-    _, (ys, zs, ps, res) = jax.lax.scan(frame, y0.astype(self.param_dtype), xs)
+    _, (ys, zs, ps, res, path) = jax.lax.scan(frame, y0.astype(self.param_dtype), xs)
     k, b = ys.shape[:2]
-    res = jnp.moveaxis(res, 2, 0).reshape(b, k * n_euler_steps, -1)  # (K, n, B, ny) -> (B, K n, ny)
-    return jnp.swapaxes(ys, 0, 1), jnp.swapaxes(zs, 0, 1), jnp.swapaxes(ps, 0, 1), res
+
+    def steps(a):  # (K, n, B, ny) -> (B, K n, ny)
+      return jnp.moveaxis(a, 2, 0).reshape(b, k * n_euler_steps, -1)
+
+    return jnp.swapaxes(ys, 0, 1), jnp.swapaxes(zs, 0, 1), jnp.swapaxes(ps, 0, 1), steps(res), steps(path)
 
   # ----------------------------------------------------------------------------------------------
   # Entry points.
@@ -240,27 +264,43 @@ class SRVP(nnx.Module):
     keys = jax.vmap(lambda s: jax.vmap(lambda k: jax.random.fold_in(k, s))(per_video))(sample_ids)
     return jax.vmap(jax.vmap(one))(keys)
 
+  def condition(self, x_cond: Array, x_content: Array | None = None) -> Conditioning:
+    """What the given frames tell at test time (evaluation-mode BatchNorm), before any sampling.
+
+    w from the last nt_inf frames of ``x_content`` and the skips of its last frame (default: of
+    ``x_cond``; another clip gives the content / dynamics swap of the paper); q(y_1) from the first
+    nt_inf frames of ``x_cond`` and the posterior of z over all of them.
+    """
+    nt_cond = x_cond.shape[1]
+    if nt_cond < self.nt_inf:
+      raise ValueError(f'nt_cond={nt_cond} conditioning frames given but nt_inf={self.nt_inf} are needed')
+    hx, skips = self.encode(x_cond, train=False)
+    if x_content is not None:
+      if x_content.shape[1] < self.nt_inf:
+        raise ValueError(f'{x_content.shape[1]} content frames given but nt_inf={self.nt_inf} are needed')
+      hx_c, skips_c = self.encode(x_content, train=False)
+    else:
+      hx_c, skips_c = hx, skips
+    w = self.infer_w(hx_c[:, hx_c.shape[1] - self.nt_inf:])
+    skip = [sk[:, -1] for sk in skips_c] if self.skipco else None
+    return Conditioning(w=w, skips=skip, q_y0=self.infer_y0(hx), q_z=self.posterior_params(hx))
+
   def predict(self, x_cond: Array, noise: PredNoise, *, n_euler_steps: int = 1, cond_euler_steps: int | None = None,
-              reconstruct_cond: bool = False) -> Prediction:
+              reconstruct_cond: bool = False, x_content: Array | None = None) -> Prediction:
     """The official test-time protocol (evaluation-mode BatchNorm), S samples computed together.
 
     Encodes the conditioning frames once; per sample, infers y_1 and the posterior z's over the
     conditioning frames, then rolls the prior forward from the last inferred state and decodes
-    with w from the last nt_inf conditioning frames and the skips of the last one.
+    with w from the last nt_inf conditioning frames and the skips of the last one (of
+    ``x_content`` when given, see ``condition``).
 
     As the official ``test.py``, the inference pass over the conditioning frames integrates with
     ``cond_euler_steps`` (the model's *training* value; default ``n_euler_steps``) and only the
     prior rollout uses ``n_euler_steps`` (a test-time choice).
     """
-    b, nt_cond = x_cond.shape[:2]
-    s, nt_pred = noise.eps_z_prior.shape[0], noise.eps_z_prior.shape[2]
-    if nt_cond < self.nt_inf:
-      raise ValueError(f'nt_cond={nt_cond} conditioning frames given but nt_inf={self.nt_inf} are needed')
-    hx, skips = self.encode(x_cond, train=False)
-    w = self.infer_w(hx[:, nt_cond - self.nt_inf:])
-    skip = [sk[:, -1] for sk in skips] if self.skipco else None
-    q_y0 = self.infer_y0(hx)
-    q_z = self.posterior_params(hx)
+    b = x_cond.shape[0]
+    s = noise.eps_z_prior.shape[0]
+    cond = self.condition(x_cond, x_content)
 
     def flat(a):  # (S, B, ...) -> (S * B, ...)
       return a.reshape(s * b, *a.shape[2:])
@@ -268,10 +308,10 @@ class SRVP(nnx.Module):
     def tile(a):  # (B, ...) -> (S * B, ...) sample-major, matching ``flat``.
       return jnp.broadcast_to(a[None], (s, *a.shape)).reshape(s * b, *a.shape[1:])
 
-    y0 = rsample(tile(q_y0), flat(noise.eps_y0))
-    w_s = tile(w)
-    skip_s = [tile(sk) for sk in skip] if skip is not None else None
-    ys_cond, _, _, _ = self.integrate(y0, flat(noise.eps_z_post), cond_euler_steps or n_euler_steps, tile(q_z))
+    y0 = rsample(tile(cond.q_y0), flat(noise.eps_y0))
+    w_s = tile(cond.w)
+    skip_s = [tile(sk) for sk in cond.skips] if cond.skips is not None else None
+    ys_cond, _, _, _ = self.integrate(y0, flat(noise.eps_z_post), cond_euler_steps or n_euler_steps, tile(cond.q_z))
     y_cond = jnp.concatenate([y0[:, None], ys_cond], axis=1)
     y_last = y_cond[:, -1]
     ys_pred, _, _, _ = self.integrate(y_last, flat(noise.eps_z_prior), n_euler_steps)
