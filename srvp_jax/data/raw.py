@@ -46,6 +46,7 @@ SPLITS = ('train', 'test')
 BAIR_FRAMES = 30
 BAIR_FRAME_KEY = '{t}/image_aux1/encoded'
 BAIR_TFDS_NAME = 'bair_robot_pushing_small'
+BAIR_VIDEOS = {'train': 43264, 'test': 256}  # Videos of the complete dataset (SPEC section 6).
 
 KTH_FRAME_RATE = 25
 KTH_AVI = re.compile(r'^person(\d{2})_([a-z]+)_(d\d)_uncomp\.avi$')
