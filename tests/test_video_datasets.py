@@ -301,12 +301,6 @@ def test_kth_make_test_set_matches_spec_procedure(kth_dir):
     dataset.test_set(3)
 
 
-def test_kth_official_frame_order():
-  assert kth.official_frame_order(5) == [0, 1, 2, 3, 4]
-  order = kth.official_frame_order(1001)
-  assert order[:3] == [0, 1, 2] and order[99:103] == [99, 999, 1000, 100]  # image-100 < image-1000 < image-1001 < image-101.
-
-
 def test_kth_load_official_file(tmp_path):
   rng = np.random.default_rng(0)
   sequences = rng.integers(0, 256, size=(4, 40, 64, 64), dtype=np.uint8)

@@ -86,6 +86,17 @@ class BAIR(base.ClipDataset):
     raise ValueError('the BAIR test set is the first frames of the test split: nothing to make '
                      f'(`{base.command("prepare", "bair", self.data_dir)}` makes the test split)')
 
+  def inspect(self):
+    lines = super().inspect()
+    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+    root = os.path.join(self.data_dir, 'softmotion30_44k')
+    for split in self.splits:
+      try:
+        lines.append(f'original TFRecords {split}: {len(raw.bair_tfrecord_files(root, split))} files in {root}/{split}')
+      except (FileNotFoundError, ValueError):
+        lines.append(f'original TFRecords {split}: not found (`{base.command("download", "bair", self.data_dir)}`)')
+    return lines
+
   # Download and preparation. ---------------------------------------------------------------------------------
 
   def download(self) -> None:

@@ -226,9 +226,9 @@ def download_file(url: str, dest: str) -> None:
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool = True):
-  """A tqdm bar on stderr (disabled in tests / when not wanted)."""
+  """A tqdm bar on stderr, shown after a second (a quick failure prints only its error line)."""
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, desc=desc, unit='video', disable=not enabled, dynamic_ncols=True, file=sys.stderr)
+  return tqdm(total=total, desc=desc, unit='video', disable=not enabled, dynamic_ncols=True, file=sys.stderr, delay=1)
 
 
 def format_bytes(n: float) -> str:

@@ -210,6 +210,21 @@ class Human(base.ClipDataset):
       np.savez(os.path.join(save_dir, f'test_{i}'), image=np.array(video[t0:t0 + span]), **keys, frame=t0)
     return save_dir
 
+  def inspect(self):
+    lines = super().inspect()
+    folders = sorted(f for f in os.listdir(self.data_dir) if re.match(r'^test_set_\d+_\d+$', f))
+    for f in folders:
+      lines.append(f'test set {f}/: {len(_npz_files(os.path.join(self.data_dir, f)))} extracts')
+    if f'test_set_{TEST_LEN}_{SUBSAMPLING}' not in folders:
+      lines.append(f'test set test_set_{TEST_LEN}_{SUBSAMPLING}/: missing; make it with '
+                   f'`{base.command("make_test_set", "human", self.data_dir)}`')
+    try:
+      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+      lines.append(f'original videos: {len(raw.human_mp4_index(self.data_dir))} MP4 files (S<n>/Videos/)')
+    except (FileNotFoundError, ValueError):
+      lines.append('original videos: not found (S<n>/Videos/*.mp4 of every subject)')
+    return lines
+
   # Preparation. ----------------------------------------------------------------------------------------------
 
   def download(self) -> None:

@@ -73,14 +73,6 @@ def official_test_file(data_dir: str, test_len: int = TEST_LEN) -> str:
   return os.path.join(data_dir, f'svg_test_set_{test_len}.npz')
 
 
-def official_frame_order(n_frames: int) -> list[int]:
-  """Frame indices in the plain name order of ``image-%03d.png`` files (the official test-set script's order).
-
-  Differs from the frame order only for videos of 1000 frames or more ('image-1000.png' < 'image-101.png').
-  """
-  return sorted(range(n_frames), key=lambda i: f'image-{i + 1:03d}.png')
-
-
 class KTH(base.ClipDataset):
   """KTH: grey 64x64 videos; random clips of ``seq_len`` frames; test extracts of ``nt_gen`` frames."""
 
@@ -136,12 +128,13 @@ class KTH(base.ClipDataset):
       def extract(name, t0):
         return np.stack([base.read_frame(p, 1)[:, :, 0] for p in by_name[name][1][t0:t0 + seq_len]])
     elif self.has_store('test'):
+      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
       videos = store.StoreVideos(self.data_dir, 'test')
       by_name = {n: (int(length), i) for i, (n, length) in enumerate(zip(videos.names, videos.lengths))}
 
       def extract(name, t0):
         length, i = by_name[name]
-        return videos.video(i)[official_frame_order(length)[t0:t0 + seq_len], :, :, 0]
+        return videos.video(i)[raw.kth_png_listing_order(length)[t0:t0 + seq_len], :, :, 0]
     else:
       raise FileNotFoundError(self.missing('test'))
     rng = np.random.RandomState(seed)
@@ -163,6 +156,27 @@ class KTH(base.ClipDataset):
     path = official_test_file(self.data_dir, seq_len)
     np.savez_compressed(path, sequences=np.array(sequences), persons=persons, actions=actions)
     return path
+
+  def inspect(self):
+    lines = super().inspect()
+    files = sorted(f for f in os.listdir(self.data_dir) if f.startswith('svg_test_set_') and f.endswith('.npz'))
+    for f in files:
+      try:
+        with np.load(os.path.join(self.data_dir, f), allow_pickle=True) as data:
+          shape = data['sequences'].shape
+        lines.append(f'test set {f}: {shape[0]} extracts of {shape[1]} frames')
+      except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        lines.append(f'test set {f}: BROKEN: {e}')
+    if f'svg_test_set_{TEST_LEN}.npz' not in files:
+      lines.append(f'test set svg_test_set_{TEST_LEN}.npz: missing; make it with '
+                   f'`{base.command("make_test_set", "kth", self.data_dir)}`')
+    try:
+      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+      lines.append(f'original videos: {len(raw.kth_avi_index(self.data_dir))} AVI files / archive members')
+    except (FileNotFoundError, ValueError):
+      lines.append('original videos: not found (<action>.zip or raw/<action>/*.avi; '
+                   f'`{base.command("download", "kth", self.data_dir)}`)')
+    return lines
 
   # Download and preparation. ---------------------------------------------------------------------------------
 
