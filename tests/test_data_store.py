@@ -304,11 +304,13 @@ def test_grain_stream_is_a_pure_function_of_seed_step_process(bair_png, tmp_path
   cfg = _cfg('bair', data_dir, seq_len=3)
   fresh = get_dataset(cfg).train_batches(4, seed=1, process_index=1, process_count=2)
   batches = [next(fresh) for _ in range(6)]
-  for workers, start in ((1, 0), (3, 4)):  # Any thread count, any resume step: the same batches.
-    cfg_w = _cfg('bair', data_dir, seq_len=3, num_data_workers=workers)
+  # Any thread count, worker processes or not, any resume step: the same batches.
+  for workers, processes, start in ((1, 0, 0), (3, 0, 4), (1, 2, 3)):
+    cfg_w = _cfg('bair', data_dir, seq_len=3, num_data_workers=workers, num_data_processes=processes)
     resumed = get_dataset(cfg_w).train_batches(4, seed=1, start_step=start, process_index=1, process_count=2)
     for k in range(start, 6):
       np.testing.assert_array_equal(next(resumed), batches[k])
+    resumed.close()
   other = get_dataset(cfg).train_batches(4, seed=1, process_index=0, process_count=2)
   assert not np.array_equal(next(other), batches[0])
   assert not np.array_equal(next(get_dataset(cfg).train_batches(4, seed=2, process_index=1, process_count=2)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import os
 import re
 import shutil
@@ -57,6 +58,13 @@ class Dataset:
     self.cfg = cfg
     self.data_dir = str(data_dir if data_dir is not None else (cfg or {}).get('data_dir', '')) or '.'
     self._lock = threading.Lock()
+
+  def __getstate__(self):
+    """Pickles as (config, folder): a worker process reopens the data itself (memory maps are not copied)."""
+    return {'cfg': self.cfg, 'data_dir': self.data_dir}
+
+  def __setstate__(self, state):
+    self.__init__(state['cfg'], state['data_dir'])  # pylint: disable=unnecessary-dunder-call
 
   # The part each dataset implements. -------------------------------------------------------------------------
 
@@ -104,8 +112,8 @@ class Dataset:
     self.check_train()
     workers = int(self.cfg.get('num_data_workers', 4))
     return pipeline.step_indexed(
-        lambda k: self.train_batch(seed, k, process_index, process_count, batch_size), start_step=start_step,
-        num_threads=workers, prefetch=max(2, workers))
+        functools.partial(_train_batch, self, seed, process_index, process_count, batch_size), start_step=start_step,
+        num_threads=workers, prefetch=max(2, workers), num_processes=int(self.cfg.get('num_data_processes', 0)))
 
   def val_batches(self, batch_size: int, seed: int, n_batches: int) -> Iterator[np.ndarray]:
     """``n_batches`` validation batches, the same ones for the same seed."""
@@ -115,6 +123,12 @@ class Dataset:
   def check_train(self) -> None:
     """Raises the one-line error of missing or unusable training data (before any thread starts)."""
     check_nc(self.cfg, self.nc, self.title)
+
+
+def _train_batch(dataset: Dataset, seed: int, process_index: int, process_count: int, batch_size: int,
+                 step: int) -> np.ndarray:
+  """``dataset.train_batch`` with the step last (a picklable map function for grain worker processes)."""
+  return dataset.train_batch(seed, step, process_index, process_count, batch_size)
 
 
 def check_nc(cfg: Mapping[str, Any], nc: int, name: str) -> None:

@@ -65,6 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   g.add_argument('--steps_per_s', type=float, default=None,
                  help='Train steps per second the stream must feed (default: the GPU target of the dataset).')
   g.add_argument('--workers', type=int, default=4, help='grain threads building batches.')
+  g.add_argument('--processes', type=int, default=0, help='grain worker processes (0: threads only).')
   g.add_argument('--seconds', type=float, default=10.0, help='Measurement time.')
   g.add_argument('--synthetic', type=int, default=0, metavar='N',
                  help='Measure on a store of N random videos of the real shapes written into DIR (an empty folder).')
@@ -172,22 +173,28 @@ def throughput(args) -> list[str]:
     write_synthetic_store(args.data_dir, args.dataset, args.synthetic)
   elif not os.path.isdir(args.data_dir) and not (args.dataset == 'mmnist' and args.source == 'standin'):
     raise FileNotFoundError(f'data folder {args.data_dir} not found')
-  cfg = _config(args, seq_len=seq_len, num_data_workers=int(args.workers), batch_size=batch)
+  cfg = _config(args, seq_len=seq_len, num_data_workers=int(args.workers), num_data_processes=int(args.processes),
+                batch_size=batch)
   dataset = cls(cfg, args.data_dir)
   stream = dataset.train_batches(batch, seed=0)
-  first = next(stream)  # Start-up (indexing, first batch) is not counted.
-  n, t0 = 0, time.perf_counter()
-  while time.perf_counter() - t0 < args.seconds or n < 2:
-    next(stream)
-    n += 1
-  elapsed = time.perf_counter() - t0
+  try:
+    first = next(stream)  # Start-up (indexing, first batch) is not counted.
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < args.seconds or n < 2:
+      next(stream)
+      n += 1
+    elapsed = time.perf_counter() - t0
+  finally:
+    if hasattr(stream, 'close'):
+      stream.close()  # Stops grain's threads and worker processes.
   videos_per_s = n * batch / elapsed
   need = batch * steps_per_s
   mb_per_s = videos_per_s * first[0].nbytes / 1e6
   verdict = 'enough' if videos_per_s >= need else f'NOT enough: the stream would hold the GPU at ' \
       f'{videos_per_s / batch:.1f} steps/s'
   return [f'{args.dataset} training stream ({dataset.describe_source()}), batch {batch} x {seq_len} frames, '
-          f'{args.workers} grain threads, {os.cpu_count()} CPUs:',
+          f'{args.workers} grain threads' + (f' x {args.processes} processes' if args.processes else '') +
+          f', {os.cpu_count()} CPUs:',
           f'  {videos_per_s:,.0f} videos/s ({videos_per_s / batch:.1f} batches/s, {mb_per_s:,.0f} MB/s of float32)',
           f'  a train step at batch {batch} and {steps_per_s:g} steps/s consumes {need:,.0f} videos/s: {verdict}']
 

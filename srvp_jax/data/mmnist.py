@@ -212,9 +212,13 @@ def render(images: np.ndarray, latents: np.ndarray, frame_size: int = FRAME_SIZE
   windows = np.lib.stride_tricks.sliding_window_view(canvas, (h, w), axis=(2, 3), writeable=True)
   vid, frame = np.meshgrid(np.arange(n), np.arange(seq_len), indexing='ij')
   for d in range(ndigits):
-    rows, cols = latents[:, d, :, 0], latents[:, d, :, 1]
-    windows[vid, frame, rows, cols] += images[:, d, None].astype(np.float32)
-  np.minimum(canvas, 255.0, out=canvas)
+    at = (vid, frame, latents[:, d, :, 0], latents[:, d, :, 1])
+    digit = images[:, d, None].astype(np.float32)
+    if d == 0:
+      windows[at] = digit  # The canvas is empty: writing equals adding, without reading it back.
+    else:
+      # Sums only exceed 255 where this digit lands; clipping as we go equals clipping the total (values >= 0).
+      windows[at] = np.minimum(windows[at] + digit, np.float32(255))
   return canvas
 
 

@@ -23,12 +23,22 @@ def step_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generato
 
 
 def step_indexed(batch_of_step: Callable[[int], np.ndarray], *, start_step: int = 0, num_threads: int = 4,
-                 prefetch: int = 4) -> Iterator[np.ndarray]:
-  """Yields ``batch_of_step(k)`` for k = start_step, start_step + 1, ..., built ahead on grain threads."""
+                 prefetch: int = 4, num_processes: int = 0) -> Iterator[np.ndarray]:
+  """Yields ``batch_of_step(k)`` for k = start_step, start_step + 1, ..., built ahead on grain threads.
+
+  With ``num_processes`` > 0, grain worker processes (each with ``num_threads`` threads) build the batches
+  (``batch_of_step`` must then be picklable); the order, hence every batch, is the same.
+  """
   import grain  # pylint: disable=import-outside-toplevel
   ds = grain.MapDataset.range(int(start_step), _ENDLESS).map(batch_of_step)
   options = grain.ReadOptions(num_threads=max(1, int(num_threads)), prefetch_buffer_size=max(1, int(prefetch)))
-  return iter(ds.to_iter_dataset(options))
+  ds = ds.to_iter_dataset(options)
+  if num_processes > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers; launch.py has parsed them.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes), per_worker_buffer_size=2))
+  return iter(ds)
 
 
 def step_indexed_batches(make_batch: BatchFn, *, batch_size: int, seed: int, start_step: int = 0,
