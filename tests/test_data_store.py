@@ -421,3 +421,9 @@ def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path):
   res = run(['-m', 'srvp_jax.evaluate', workdir, '--data_dir', data_dir, '--metrics', 'psnr', '--nt_gen', '6',
              '--out', out])
   assert res.returncode == 2 and 'make_test_set kth --data_dir' in res.stderr and '--seq_len 6' in res.stderr
+  shard = os.path.join(data_dir, 'store', 'train', 'frames_0000.npy')
+  with open(shard, 'r+b') as f:
+    f.truncate(os.path.getsize(shard) // 2)
+  res = run(['launch.py', '--config', 'configs/kth.py', '--workdir', str(tmp_path / 'run2')] + overrides)
+  assert res.returncode == 2 and f'error: store shard {shard} is corrupt or truncated' in res.stderr
+  assert 'Traceback' not in res.stderr

@@ -12,6 +12,12 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+
+
+class DataError(ValueError):
+  """Data that is there but unusable (corrupt, truncated, too short, wrong shape); the message names the file."""
+
+
 # Dataset name (config and CLI) -> (module, class).
 DATASETS = {'smmnist': ('mmnist', 'MovingMnist'), 'mmnist': ('mmnist', 'MovingMnist'), 'kth': ('kth', 'KTH'),
             'human': ('human', 'Human'), 'bair': ('bair', 'BAIR')}

@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from srvp_jax.data import base, store
+from srvp_jax.data import DataError, base, store
 
 # Official download script (edenton/svg data/download_bair.sh, called by srvp preprocessing/bair/download.sh).
 URL = 'http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar'
@@ -70,7 +70,7 @@ class BAIR(base.ClipDataset):
   def check_train(self):
     seq_len = self.seq_len('train')
     if not 1 <= seq_len <= N_FRAMES or not 1 <= self.seq_len('val') <= N_FRAMES:
-      raise ValueError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} and seq_len_test='
+      raise DataError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} and seq_len_test='
                        f'{self.seq_len("val")} must be between 1 and {N_FRAMES}')
     super().check_train()
 
@@ -78,12 +78,12 @@ class BAIR(base.ClipDataset):
     """The 256 official test videos, uint8 (N, seq_len, 64, 64, 3): their first ``seq_len`` frames (default 30)."""
     seq_len = N_FRAMES if seq_len is None else int(seq_len)
     if not 1 <= seq_len <= N_FRAMES:
-      raise ValueError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} must be between 1 and {N_FRAMES}')
+      raise DataError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} must be between 1 and {N_FRAMES}')
     videos = self.videos('test')
     return np.stack([np.asarray(videos.clip(i, 0, seq_len)) for i in range(len(videos))])
 
   def make_test_set(self, **options) -> str:
-    raise ValueError('the BAIR test set is the first frames of the test split: nothing to make '
+    raise DataError('the BAIR test set is the first frames of the test split: nothing to make '
                      f'(`{base.command("prepare", "bair", self.data_dir)}` makes the test split)')
 
   def inspect(self):
@@ -108,7 +108,7 @@ class BAIR(base.ClipDataset):
       with tarfile.open(archive) as tar:
         tar.extractall(self.data_dir, filter='data')
     except tarfile.TarError as e:
-      raise ValueError(f'{archive} is not a readable tar archive ({e}); delete it and download again') from None
+      raise DataError(f'{archive} is not a readable tar archive ({e}); delete it and download again') from None
     os.remove(archive)
 
   def sources(self) -> dict:
@@ -158,7 +158,7 @@ class BAIR(base.ClipDataset):
   def _tfds_items(self, tfds_data_dir: str | None) -> Iterator[tuple]:
     from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
     if not tfds_data_dir:
-      raise ValueError('--source tfds needs --tfds_data_dir (the folder where bair_robot_pushing_small is prepared)')
+      raise DataError('--source tfds needs --tfds_data_dir (the folder where bair_robot_pushing_small is prepared)')
     for split in self.splits:
       for i, video in enumerate(raw.bair_tfds_videos(tfds_data_dir, split)):
         yield split, f'tfds/{i:05d}', {}, video

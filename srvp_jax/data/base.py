@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from srvp_jax import config as config_lib
-from srvp_jax.data import pipeline, store
+from srvp_jax.data import DataError, pipeline, store
 
 NX = 64
 CLI = 'python -m srvp_jax.data'
@@ -134,7 +134,7 @@ def _train_batch(dataset: Dataset, seed: int, process_index: int, process_count:
 def check_nc(cfg: Mapping[str, Any], nc: int, name: str) -> None:
   """One-line error when the config's channel count does not match the dataset's."""
   if int(cfg['nc']) != nc:
-    raise ValueError(f"{name} videos have {nc} channel(s) but the config has nc={cfg['nc']}; set nc={nc}")
+    raise DataError(f"{name} videos have {nc} channel(s) but the config has nc={cfg['nc']}; set nc={nc}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -154,12 +154,12 @@ def read_frame(path: str, nc: int) -> np.ndarray:
   except FileNotFoundError:
     raise FileNotFoundError(f'missing video frame {path}; re-run the conversion that wrote this folder') from None
   except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f'video frame {path} is corrupt ({e}); re-run the conversion that wrote this folder') from None
+    raise DataError(f'video frame {path} is corrupt ({e}); re-run the conversion that wrote this folder') from None
   if frame.ndim == 2:
     frame = frame[:, :, None]
   frame = frame[:, :, :1] if nc == 1 else frame[:, :, :3]
   if frame.shape != (NX, NX, nc):
-    raise ValueError(f'frame {path} has shape {frame.shape}, expected {(NX, NX, nc)} (convert with image size 64)')
+    raise DataError(f'frame {path} has shape {frame.shape}, expected {(NX, NX, nc)} (convert with image size 64)')
   return frame
 
 
@@ -335,7 +335,7 @@ class ClipDataset(Dataset):
       if len(eligible) == 0:
         what = f'{seq_len} frames' if self.step == 1 else f'the {span} frames that seq_len={seq_len} with ' \
             f'subsampling {self.step} needs'
-        raise ValueError(f'no {self.title} {fold} video has {what} (videos in {self.data_dir}: {len(videos)}); '
+        raise DataError(f'no {self.title} {fold} video has {what} (videos in {self.data_dir}: {len(videos)}); '
                          'use a shorter seq_len')
       self._eligible[key] = eligible
     return self._eligible[key]

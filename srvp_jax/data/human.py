@@ -25,7 +25,7 @@ from typing import Iterator
 
 import numpy as np
 
-from srvp_jax.data import base, store
+from srvp_jax.data import DataError, base, store
 
 TRAIN_SUBJECTS = (1, 5, 6, 7, 8)
 TEST_SUBJECTS = (9, 11)
@@ -61,13 +61,13 @@ def load_npz_array(path: str, key: str = 'image') -> np.ndarray:
   except FileNotFoundError:
     raise
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error, EOFError) as e:
-    raise ValueError(f'{path} is not a readable npz video with an {key!r} array ({type(e).__name__}: {e}); '
+    raise DataError(f'{path} is not a readable npz video with an {key!r} array ({type(e).__name__}: {e}); '
                      'convert it again') from None
 
 
 def _check_video(path: str, video: np.ndarray) -> None:
   if video.ndim != 4 or video.shape[1:] != (NX, NX, 3) or video.dtype != np.uint8:
-    raise ValueError(f'{path}: image is {video.dtype} {video.shape}, expected uint8 (frames, 64, 64, 3)')
+    raise DataError(f'{path}: image is {video.dtype} {video.shape}, expected uint8 (frames, 64, 64, 3)')
 
 
 def _npz_files(folder: str) -> list[str]:
@@ -156,7 +156,7 @@ class Human(base.ClipDataset):
           'create it with '
           f'`{base.command("make_test_set", "human", self.data_dir, f" --seq_len {test_len} --subsampling {sub}")}`')
     if seq_len > test_len:
-      raise ValueError(f'seq_len={seq_len} exceeds the {test_len} frames of the Human3.6M test extracts in {folder}')
+      raise DataError(f'seq_len={seq_len} exceeds the {test_len} frames of the Human3.6M test extracts in {folder}')
     span = (test_len - 1) * sub + 1
     out = np.empty((len(files), seq_len, NX, NX, 3), dtype=np.uint8)
     for i, name in enumerate(files):
@@ -164,7 +164,7 @@ class Human(base.ClipDataset):
       video = load_npz_array(path)
       _check_video(path, video)
       if len(video) < span:
-        raise ValueError(f'{path} holds {len(video)} frames, fewer than the {span} of a {test_len}-frame extract '
+        raise DataError(f'{path} holds {len(video)} frames, fewer than the {span} of a {test_len}-frame extract '
                          f'with subsampling {sub}')
       out[i] = video[:(seq_len - 1) * sub + 1:sub]
     return out
@@ -204,7 +204,7 @@ class Human(base.ClipDataset):
     for i in range(size):
       name, video, keys = source(rng.randint(n_videos))
       if len(video) < span:
-        raise ValueError(f'Human3.6M test video {name} has {len(video)} frames, fewer than the {span} of a test '
+        raise DataError(f'Human3.6M test video {name} has {len(video)} frames, fewer than the {span} of a test '
                          'extract')
       t0 = rng.randint(len(video) - span + 1)
       np.savez(os.path.join(save_dir, f'test_{i}'), image=np.array(video[t0:t0 + span]), **keys, frame=t0)

@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from srvp_jax.data import base, store
+from srvp_jax.data import DataError, base, store
 
 CLASSES = ('boxing', 'handclapping', 'handwaving', 'jogging', 'running', 'walking')
 NX = base.NX
@@ -107,10 +107,10 @@ class KTH(base.ClipDataset):
       with np.load(path, allow_pickle=True) as f:
         sequences = f['sequences']
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-      raise ValueError(f'KTH test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
+      raise DataError(f'KTH test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
                        f'`{base.command("make_test_set", "kth", self.data_dir, f" --seq_len {seq_len}")}`') from None
     if sequences.ndim != 4 or sequences.shape[1:] != (seq_len, NX, NX) or sequences.dtype != np.uint8:
-      raise ValueError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 (N, {seq_len}, 64, 64)')
+      raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 (N, {seq_len}, 64, 64)')
     return sequences[..., None]
 
   def make_test_set(self, size: int = 1000, seq_len: int = TEST_LEN, seed: int = 42) -> str:
@@ -149,7 +149,7 @@ class KTH(base.ClipDataset):
                                 f'(`{base.command("prepare", "kth", self.data_dir, " --force")}`)')
       n_frames = by_name[name][0]
       if n_frames < seq_len:
-        raise ValueError(f'KTH test video {name} has {n_frames} frames, fewer than the {seq_len} of a test extract')
+        raise DataError(f'KTH test video {name} has {n_frames} frames, fewer than the {seq_len} of a test extract')
       sequences.append(extract(name, rng.randint(n_frames - seq_len + 1)))
       persons.append(person)
       actions.append(action)
@@ -194,7 +194,7 @@ class KTH(base.ClipDataset):
         with zipfile.ZipFile(archive) as z:
           z.extractall(target)
       except zipfile.BadZipFile:
-        raise ValueError(f'{archive} is not a zip archive (interrupted download?); delete it and download again') \
+        raise DataError(f'{archive} is not a zip archive (interrupted download?); delete it and download again') \
             from None
       os.remove(archive)
 

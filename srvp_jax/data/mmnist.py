@@ -21,7 +21,7 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from srvp_jax.data import base, mnist
+from srvp_jax.data import DataError, base, mnist
 from srvp_jax.data.pipeline import official_val_split
 
 FRAME_SIZE = 64
@@ -289,7 +289,7 @@ class MovingMnist(base.Dataset):
 
   def check_train(self):
     if int(self.cfg['nc']) != 1:
-      raise ValueError(f"Moving MNIST videos are grey: set nc=1 (got nc={self.cfg['nc']})")
+      raise DataError(f"Moving MNIST videos are grey: set nc=1 (got nc={self.cfg['nc']})")
     self.digits('train')
 
   def batch(self, rng, batch_size, split):
@@ -385,15 +385,15 @@ def load_test_set(data_dir: str, deterministic: bool, seq_len: int | None = None
     with np.load(path) as data:
       sequences = data['sequences']
   except KeyError:
-    raise ValueError(f'{path} has no `sequences` array; create it again with `{make}`') from None
+    raise DataError(f'{path} has no `sequences` array; create it again with `{make}`') from None
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-    raise ValueError(f'Moving MNIST test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
+    raise DataError(f'Moving MNIST test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
                      f'`{make}`') from None
   if sequences.ndim != 4 or sequences.shape[2:] != (FRAME_SIZE, FRAME_SIZE) or sequences.dtype != np.uint8:
-    raise ValueError(f'{path}: sequences are {sequences.dtype} {sequences.shape}, expected uint8 (T, N, 64, 64)')
+    raise DataError(f'{path}: sequences are {sequences.dtype} {sequences.shape}, expected uint8 (T, N, 64, 64)')
   if seq_len is not None:
     if seq_len > sequences.shape[0]:
-      raise ValueError(f'{path} has {sequences.shape[0]} frames per video, fewer than seq_len={seq_len}; '
+      raise DataError(f'{path} has {sequences.shape[0]} frames per video, fewer than seq_len={seq_len}; '
                        f'create it again with `{make} --seq_len {seq_len}`')
     sequences = sequences[:seq_len]
   return np.ascontiguousarray(sequences.transpose(1, 0, 2, 3))[..., None]

@@ -28,6 +28,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from srvp_jax.data import DataError
+
 SPLITS = ('train', 'test')
 SOURCES = ('auto', 'idx', 'tfds', 'standin')
 STANDIN_NAME = 'sklearn_digits_standin'
@@ -51,7 +53,7 @@ class MnistNotFoundError(FileNotFoundError):
   """No MNIST digits could be obtained from the requested source."""
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataError):
   """A file is not a valid IDX file of the expected kind."""
 
 

@@ -31,6 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from srvp_jax.data import DataError
+
 NX = 64
 STORE_DIR = 'store'
 INDEX = 'index.json'
@@ -39,7 +41,7 @@ HEADER_BYTES = 128  # Fixed .npy header size: frames are written first, the head
 FORMAT_VERSION = 1
 
 
-class StoreError(ValueError):
+class StoreError(DataError):
   """A store file is missing, truncated or inconsistent with its index (the message names the file)."""
 
 
@@ -98,7 +100,7 @@ class StoreWriter:
     """Appends one video; frames must be uint8 (T, 64, 64, nc)."""
     video = np.asarray(video)
     if video.dtype != np.uint8 or video.ndim != 4 or video.shape[1:] != (NX, NX, self.nc):
-      raise ValueError(f'video {name}: {video.dtype} {video.shape}, expected uint8 (frames, {NX}, {NX}, {self.nc})')
+      raise DataError(f'video {name}: {video.dtype} {video.shape}, expected uint8 (frames, {NX}, {NX}, {self.nc})')
     frame_bytes = NX * NX * self.nc
     if self._file is None or (self._frames and (self._frames + len(video)) * frame_bytes > self.shard_bytes):
       self._close_shard()
