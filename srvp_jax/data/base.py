@@ -16,6 +16,7 @@ a one-line hint); a clip is a random video of a fold then a random start, one fr
 
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import functools
@@ -45,14 +46,14 @@ def command(step: str, dataset: str, data_dir: str, extra: str = '') -> str:
   return f'{CLI} {step} {dataset} --data_dir {data_dir}{extra}'
 
 
-class Dataset:
+class Dataset(abc.ABC):
   """One dataset bound to a config (``cfg`` may be None for the data CLI's steps that need none)."""
 
   name = ''  # CLI / config name.
   title = ''  # For people.
   nc = 1
-  # Paper setup of the training stream (configs/*.py) and the GPU target speed of its train step.
-  paper = dict(batch_size=128, seq_len=15, steps_per_s=10.0)
+  # Paper setup of the training stream (configs/*.py) and the GPU target speed of its train step (throughput).
+  paper: dict = {}
 
   def __init__(self, cfg: Mapping[str, Any] | None, data_dir: str | None = None):
     self.cfg = cfg
@@ -68,25 +69,29 @@ class Dataset:
 
   # The part each dataset implements. -------------------------------------------------------------------------
 
+  @abc.abstractmethod
   def batch(self, rng: np.random.Generator, batch_size: int, split: str) -> np.ndarray:
     """A batch of ``split`` ('train' or 'val') drawn from ``rng``: uint8, or float32 in [0, 1]."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def test_set(self, seq_len: int | None = None) -> np.ndarray:
     """The official test videos, uint8 (N, seq_len, 64, 64, nc)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def download(self) -> None:
-    raise NotImplementedError(f'{self.name} has no download step')
+    """Fetches the raw data from the official URLs (one line naming the URL and the file when offline)."""
 
+  @abc.abstractmethod
   def prepare(self, source: str = 'auto', force: bool = False, progress: bool = True) -> list[str]:
-    raise NotImplementedError
+    """Turns raw data or an official layout into what training reads; returns the lines to print."""
 
+  @abc.abstractmethod
   def make_test_set(self, **options) -> str:
-    raise NotImplementedError
+    """Writes the official test file(s) with the official draws; returns the path."""
 
+  @abc.abstractmethod
   def inspect(self) -> list[str]:
-    raise NotImplementedError
+    """What ``data_dir`` holds and what is missing, with the command that makes it."""
 
   def describe_source(self) -> str:
     """Where the training videos come from (one line, for ``throughput``)."""
@@ -273,13 +278,13 @@ class ClipDataset(Dataset):
 
   # Per dataset. ----------------------------------------------------------------------------------------------
 
+  @abc.abstractmethod
   def official_videos(self, split: str):
     """The videos of ``split`` in the official layout (PngVideos, NpzVideos), or None when absent."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def missing(self, split: str) -> str:
     """One line: what is missing for ``split`` and the commands that make it."""
-    raise NotImplementedError
 
   @property
   def step(self) -> int:

@@ -201,11 +201,9 @@ def throughput(args) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
-  from srvp_jax.data import mnist, raw, store  # pylint: disable=import-outside-toplevel
   try:
     lines = run(args)
-  except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError, store.StoreError, mnist.IdxFormatError,
-          raw.CorruptRawFileError) as e:
+  except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:  # Incl. DataError, raw's errors.
     message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     print(f'error: {message}', file=sys.stderr)
     return 1
