@@ -217,6 +217,33 @@ def test_prepare_from_official_layout_reads_back_identical_videos(name, kth_png,
   assert 'already' in capsys.readouterr().out
 
 
+def test_prepare_from_raw_formats_writes_the_raw_readers_videos(tmp_path, capsys):
+  """BAIR TFRecords and KTH AVI files (real formats, tests/raw_fixtures.py) -> store: the readers' videos, split."""
+  from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+  import raw_fixtures  # pylint: disable=import-outside-toplevel
+  bair_dir = str(tmp_path / 'bair')
+  root = os.path.join(bair_dir, 'softmotion30_44k')
+  want = {split: raw_fixtures.write_bair_tfrecords(root, split, counts, seed=i)
+          for i, (split, counts) in enumerate((('train', (3, 2)), ('test', (2,))))}
+  assert cli.main(['prepare', 'bair', '--data_dir', bair_dir, '--no_progress']) == 0
+  assert 'from original TFRecords' in capsys.readouterr().out
+  for split, videos in want.items():
+    stored = store.StoreVideos(bair_dir, split)
+    assert stored.names == [f'{r}/{k:03d}' for r, k in raw.bair_tfrecord_index(root, split)]
+    np.testing.assert_array_equal(np.stack([stored.video(i) for i in range(len(stored))]), videos)
+  kth_dir = str(tmp_path / 'kth')
+  spec = {(p, a, 1): 6 for a in kth.CLASSES for p in (3, 22)}
+  raw_fixtures.write_kth(kth_dir, spec, zipped=('boxing',))
+  assert cli.main(['prepare', 'kth', '--data_dir', kth_dir, '--no_progress']) == 0
+  decoded = list(raw.kth_avi_videos(kth_dir))
+  for split, persons in (('train', (3,)), ('test', (22,))):
+    stored = store.StoreVideos(kth_dir, split)
+    expected = [(m, v) for m, v in decoded if m['person'] in persons]
+    assert stored.names == [m['name'] for m, _ in expected] and stored.meta[0]['setting'] == 'd1'
+    for i, (_, video) in enumerate(expected):
+      np.testing.assert_array_equal(stored.video(i), video)
+
+
 def test_training_from_the_store_needs_no_official_layout(kth_png, tmp_path, capsys):
   data_dir = _copy_layout(kth_png, tmp_path / 'd')
   kth.KTH(None, data_dir).prepare(progress=False)
