@@ -89,6 +89,13 @@ class BAIR(base.ClipDataset):
   def inspect(self):
     lines = super().inspect()
     from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+    for split in self.splits:
+      if self.has_store(split):
+        n = len(store.StoreVideos(self.data_dir, split))
+        if n != raw.BAIR_VIDEOS[split]:
+          lines.append(f'store {split} is incomplete: {n} of the {raw.BAIR_VIDEOS[split]:,} official videos; '
+                       f'download the whole archive (`{base.command("download", "bair", self.data_dir)}`) and run '
+                       f'`{base.command("prepare", "bair", self.data_dir, " --force")}`')
     root = os.path.join(self.data_dir, 'softmotion30_44k')
     for split in self.splits:
       try:

@@ -13,7 +13,6 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-BatchFn = Callable[[np.random.Generator, int], np.ndarray]
 _ENDLESS = 1 << 62  # Last step index of an endless stream.
 
 
@@ -41,26 +40,11 @@ def step_indexed(batch_of_step: Callable[[int], np.ndarray], *, start_step: int 
   return iter(ds)
 
 
-def step_indexed_batches(make_batch: BatchFn, *, batch_size: int, seed: int, start_step: int = 0,
-                         process_index: int = 0, num_parallel: int = 4, prefetch: int = 4) -> Iterator[np.ndarray]:
-  """Yields ``make_batch(step_rng(seed, k, process_index), batch_size)`` for k = start_step, ..."""
-  return step_indexed(lambda k: make_batch(step_rng(seed, k, process_index), batch_size), start_step=start_step,
-                      num_threads=num_parallel, prefetch=prefetch)
-
-
 def to_float(videos: np.ndarray) -> np.ndarray:
   """uint8 videos as float32 in [0, 1] (exactly ``x.astype(float32) / 255``); float32 input is returned as is."""
   if videos.dtype == np.float32:
     return videos
   return np.divide(videos, np.float32(255), dtype=np.float32)
-
-
-def fixed_batches(videos: np.ndarray, batch_size: int, *, drop_remainder: bool = False) -> Iterator[np.ndarray]:
-  """Splits an array of videos (N, T, H, W, C) into consecutive batches (test sets)."""
-  n = len(videos)
-  stop = n - n % batch_size if drop_remainder else n
-  for start in range(0, stop, batch_size):
-    yield videos[start:start + batch_size]
 
 
 def official_val_split(n: int, train: bool) -> np.ndarray:
