@@ -122,27 +122,21 @@ class BAIR(base.ClipDataset):
     return {'tfrecords': 'original TFRecords (softmotion30_44k/)', 'png': 'official PNG frames (processed_data/)',
             'tfds': 'TFDS bair_robot_pushing_small (TFDS order, not the official one)'}
 
-  def prepare(self, source='auto', force=False, progress=True, tfds_data_dir: str | None = None):
-    """Writes the store's train and test splits from the TFRecords, the PNG frames or TFDS."""
-    if not force and all(self.has_store(s) for s in self.splits):
-      return [f'BAIR store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
-    if source == 'auto':
-      if os.path.isdir(os.path.join(self.data_dir, 'softmotion30_44k')):
-        source = 'tfrecords'
-      elif index_videos(self.data_dir, 'train') is not None:
-        source = 'png'
-      elif tfds_data_dir:
-        source = 'tfds'
-      else:
-        raise FileNotFoundError(f'BAIR data not found in {self.data_dir}: expected softmotion30_44k/{{train,test}}/'
-                                f'*.tfrecords (or processed_data/ PNG frames); get them with '
-                                f'`{base.command("download", "bair", self.data_dir)}`')
-    items = {'tfrecords': self._tfrecord_items, 'png': self._png_items,
-             'tfds': lambda: self._tfds_items(tfds_data_dir)}[source]()
-    with base.progress_bar(None, 'BAIR videos', progress) as bar:
-      paths = store.write_splits(self.data_dir, 'bair', 3, self.splits, items, progress=bar.update)
-    return [f'BAIR {split}: {len(store.StoreVideos(self.data_dir, split))} videos from {self.sources()[source]} -> '
-            f'{path}' for split, path in paths.items()]
+  def auto_source(self, tfds_data_dir: str | None = None):
+    if os.path.isdir(os.path.join(self.data_dir, 'softmotion30_44k')):
+      return 'tfrecords'
+    if index_videos(self.data_dir, 'train') is not None:
+      return 'png'
+    if tfds_data_dir:
+      return 'tfds'
+    raise FileNotFoundError(f'BAIR data not found in {self.data_dir}: expected softmotion30_44k/{{train,test}}/'
+                            f'*.tfrecords (or processed_data/ PNG frames); get them with '
+                            f'`{base.command("download", "bair", self.data_dir)}`')
+
+  def items(self, source, tfds_data_dir: str | None = None):
+    if source == 'tfds':
+      return self._tfds_items(tfds_data_dir)
+    return self._tfrecord_items() if source == 'tfrecords' else self._png_items()
 
   def _tfrecord_items(self) -> Iterator[tuple]:
     from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel

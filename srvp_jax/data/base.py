@@ -397,6 +397,29 @@ class ClipDataset(Dataset):
 
   # Data CLI. -------------------------------------------------------------------------------------------------
 
+  @abc.abstractmethod
+  def sources(self) -> dict[str, str]:
+    """``prepare``'s inputs: name -> description."""
+
+  @abc.abstractmethod
+  def auto_source(self, **options) -> str:
+    """The input ``prepare`` reads by default (the first one present)."""
+
+  @abc.abstractmethod
+  def items(self, source: str, **options) -> Iterator[tuple]:
+    """``(split, name, meta, video uint8 (T, 64, 64, nc))`` of every video of ``source``, in the official order."""
+
+  def prepare(self, source='auto', force=False, progress=True, **options):
+    """Writes the store's train and test splits from ``source`` in one pass; returns the lines to print."""
+    if not force and all(self.has_store(s) for s in self.splits):
+      return [f'{self.title} store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
+    source = self.auto_source(**options) if source == 'auto' else source
+    with progress_bar(None, f'{self.title} videos', progress) as bar:
+      paths = store.write_splits(self.data_dir, self.name, self.nc, self.splits, self.items(source, **options),
+                                 progress=bar.update)
+    return [f'{self.title} {split}: {len(store.StoreVideos(self.data_dir, split))} videos from '
+            f'{self.sources()[source]} -> {path}' for split, path in paths.items()]
+
   def inspect(self) -> list[str]:
     lines = []
     for split in self.splits:

@@ -22,8 +22,6 @@ from srvp_jax.data import base, dataset_class
 
 COMMANDS = ('download', 'prepare', 'make_test_set', 'inspect', 'throughput')
 NAMES = ('mmnist', 'kth', 'human', 'bair')  # 'smmnist' is accepted as 'mmnist'.
-PREPARE_SOURCES = {'kth': ('auto', 'png', 'raw'), 'human': ('auto', 'npz', 'raw'),
-                   'bair': ('auto', 'tfrecords', 'png', 'tfds'), 'mmnist': ('auto',)}
 DIGIT_SOURCES = ('auto', 'idx', 'tfds', 'standin')
 # Synthetic stores of the real shapes for ``throughput --synthetic N``: frames per video (low, high).
 SYNTHETIC_LENGTHS = {'kth': (250, 750), 'human': (1500, 4500), 'bair': (30, 30)}
@@ -82,7 +80,7 @@ def _usage_error(args) -> str | None:
   """Options that do not apply to the command or dataset (never ignored silently)."""
   name, cmd = args.dataset, args.command
   if args.source is not None:
-    allowed = DIGIT_SOURCES if name == 'mmnist' else PREPARE_SOURCES[name]
+    allowed = DIGIT_SOURCES if name == 'mmnist' else ('auto', *dataset_class(name)(None, '.').sources())
     if name != 'mmnist' and cmd != 'prepare':
       return f'--source applies to prepare (and to mmnist digits), not to {cmd} {name}'
     if args.source not in allowed:

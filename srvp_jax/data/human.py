@@ -235,17 +235,11 @@ class Human(base.ClipDataset):
   def sources(self) -> dict:
     return {'npz': 'official npz files (train/, test/)', 'raw': 'original MP4 videos (S<n>/Videos/)'}
 
-  def prepare(self, source='auto', force=False, progress=True):
-    """Writes the store's train and test splits from the official npz files or the original MP4 videos."""
-    if not force and all(self.has_store(s) for s in self.splits):
-      return [f'Human3.6M store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
-    if source == 'auto':
-      source = 'npz' if all(self.official_videos(s) is not None for s in self.splits) else 'raw'
-    items = self._npz_items() if source == 'npz' else self._raw_items()
-    with base.progress_bar(None, 'Human3.6M videos', progress) as bar:
-      paths = store.write_splits(self.data_dir, 'human', 3, self.splits, items, progress=bar.update)
-    return [f'Human3.6M {split}: {len(store.StoreVideos(self.data_dir, split))} videos from '
-            f'{self.sources()[source]} -> {path}' for split, path in paths.items()]
+  def auto_source(self, **options):
+    return 'npz' if all(self.official_videos(s) is not None for s in self.splits) else 'raw'
+
+  def items(self, source, **options):
+    return self._npz_items() if source == 'npz' else self._raw_items()
 
   def _npz_items(self) -> Iterator[tuple]:
     for split in self.splits:

@@ -201,17 +201,11 @@ class KTH(base.ClipDataset):
   def sources(self) -> dict:
     return {'png': 'official PNG frames (processed_64/)', 'raw': 'original AVI files / class zip archives'}
 
-  def prepare(self, source='auto', force=False, progress=True):
-    """Writes the store's train and test splits from the PNG frames (``png``) or the original videos (``raw``)."""
-    if not force and all(self.has_store(s) for s in self.splits):
-      return [f'KTH store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
-    if source == 'auto':
-      source = 'png' if index_videos(self.data_dir) is not None else 'raw'
-    items = self._png_items() if source == 'png' else self._raw_items()
-    with base.progress_bar(None, 'KTH videos', progress) as bar:
-      paths = store.write_splits(self.data_dir, 'kth', 1, self.splits, items, progress=bar.update)
-    return [f'KTH {split}: {len(store.StoreVideos(self.data_dir, split))} videos from {self.sources()[source]} -> '
-            f'{path}' for split, path in paths.items()]
+  def auto_source(self, **options):
+    return 'png' if index_videos(self.data_dir) is not None else 'raw'
+
+  def items(self, source, **options):
+    return self._png_items() if source == 'png' else self._raw_items()
 
   def _png_items(self) -> Iterator[tuple]:
     for split in self.splits:
