@@ -63,15 +63,17 @@ class BAIR(base.ClipDataset):
     return None if found is None else base.PngVideos(found[1], nc=3, names=found[0])
 
   def missing(self, split):
-    return (f'BAIR {split} videos not found in {self.data_dir}: neither the video store ({store.STORE_DIR}/{split}) nor '
+    return (f'BAIR {split} videos not found in {self.data_dir}: neither the video store '
+            f'({store.STORE_DIR}/{split}) nor '
             f'the official PNG frames (processed_data/{split}); make the store with '
-            f'`{base.command("download", "bair", self.data_dir)}` then `{base.command("prepare", "bair", self.data_dir)}`')
+            f'`{base.command("download", "bair", self.data_dir)}` then '
+            f'`{base.command("prepare", "bair", self.data_dir)}`')
 
   def check_train(self):
     seq_len = self.seq_len('train')
     if not 1 <= seq_len <= N_FRAMES or not 1 <= self.seq_len('val') <= N_FRAMES:
       raise DataError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} and seq_len_test='
-                       f'{self.seq_len("val")} must be between 1 and {N_FRAMES}')
+                      f'{self.seq_len("val")} must be between 1 and {N_FRAMES}')
     super().check_train()
 
   def test_set(self, seq_len=None):
@@ -84,7 +86,7 @@ class BAIR(base.ClipDataset):
 
   def make_test_set(self, **options) -> str:
     raise DataError('the BAIR test set is the first frames of the test split: nothing to make '
-                     f'(`{base.command("prepare", "bair", self.data_dir)}` makes the test split)')
+                    f'(`{base.command("prepare", "bair", self.data_dir)}` makes the test split)')
 
   def inspect(self):
     lines = super().inspect()

@@ -341,7 +341,7 @@ class ClipDataset(Dataset):
         what = f'{seq_len} frames' if self.step == 1 else f'the {span} frames that seq_len={seq_len} with ' \
             f'subsampling {self.step} needs'
         raise DataError(f'no {self.title} {fold} video has {what} (videos in {self.data_dir}: {len(videos)}); '
-                         'use a shorter seq_len')
+                        'use a shorter seq_len')
       self._eligible[key] = eligible
     return self._eligible[key]
 
@@ -440,7 +440,8 @@ class ClipDataset(Dataset):
       else:
         err = ''
       if v is not None:
-        lines.append(f'official layout {split}: {len(v)} videos, {int(v.lengths.sum())} frames ({self.official_layout})')
+        lines.append(f'official layout {split}: {len(v)} videos, {int(v.lengths.sum())} frames '
+                     f'({self.official_layout})')
       elif err:
         lines.append(f'official layout {split}: unreadable: {err}')
       else:

@@ -62,7 +62,7 @@ def load_npz_array(path: str, key: str = 'image') -> np.ndarray:
     raise
   except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error, EOFError) as e:
     raise DataError(f'{path} is not a readable npz video with an {key!r} array ({type(e).__name__}: {e}); '
-                     'convert it again') from None
+                    'convert it again') from None
 
 
 def _check_video(path: str, video: np.ndarray) -> None:
@@ -126,7 +126,8 @@ class Human(base.ClipDataset):
     return NpzVideos([os.path.join(folder, f) for f in files]) if files else None
 
   def missing(self, split):
-    return (f'Human3.6M {split} videos not found in {self.data_dir}: neither the video store ({store.STORE_DIR}/{split}) '
+    return (f'Human3.6M {split} videos not found in {self.data_dir}: neither the video store '
+            f'({store.STORE_DIR}/{split}) '
             f'nor the official {split}/S<subject>-<video>.npz files; extract the original S<n>/Videos archives '
             f'(licensed download from http://vision.imar.ro/human3.6m) into {self.data_dir} and run '
             f'`{base.command("prepare", "human", self.data_dir)}`')
@@ -165,7 +166,7 @@ class Human(base.ClipDataset):
       _check_video(path, video)
       if len(video) < span:
         raise DataError(f'{path} holds {len(video)} frames, fewer than the {span} of a {test_len}-frame extract '
-                         f'with subsampling {sub}')
+                        f'with subsampling {sub}')
       out[i] = video[:(seq_len - 1) * sub + 1:sub]
     return out
 
@@ -205,7 +206,7 @@ class Human(base.ClipDataset):
       name, video, keys = source(rng.randint(n_videos))
       if len(video) < span:
         raise DataError(f'Human3.6M test video {name} has {len(video)} frames, fewer than the {span} of a test '
-                         'extract')
+                        'extract')
       t0 = rng.randint(len(video) - span + 1)
       np.savez(os.path.join(save_dir, f'test_{i}'), image=np.array(video[t0:t0 + span]), **keys, frame=t0)
     return save_dir

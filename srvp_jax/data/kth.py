@@ -92,7 +92,8 @@ class KTH(base.ClipDataset):
   def missing(self, split):
     return (f'KTH {split} videos not found in {self.data_dir}: neither the video store ({store.STORE_DIR}/{split}) nor '
             f'the official frames ({self.official_layout}); make the store with '
-            f'`{base.command("download", "kth", self.data_dir)}` then `{base.command("prepare", "kth", self.data_dir)}`')
+            f'`{base.command("download", "kth", self.data_dir)}` then '
+            f'`{base.command("prepare", "kth", self.data_dir)}`')
 
   # Test set. -------------------------------------------------------------------------------------------------
 
@@ -108,9 +109,10 @@ class KTH(base.ClipDataset):
         sequences = f['sequences']
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
       raise DataError(f'KTH test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
-                       f'`{base.command("make_test_set", "kth", self.data_dir, f" --seq_len {seq_len}")}`') from None
+                      f'`{base.command("make_test_set", "kth", self.data_dir, f" --seq_len {seq_len}")}`') from None
     if sequences.ndim != 4 or sequences.shape[1:] != (seq_len, NX, NX) or sequences.dtype != np.uint8:
-      raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 (N, {seq_len}, 64, 64)')
+      raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 '
+                      f'(N, {seq_len}, 64, 64)')
     return sequences[..., None]
 
   def make_test_set(self, size: int = 1000, seq_len: int = TEST_LEN, seed: int = 42) -> str:

@@ -347,7 +347,8 @@ class MovingMnist(base.Dataset):
     for split in mnist.SPLITS:
       paths = mnist.find_idx_files(self.data_dir, split)
       if paths is None:
-        lines.append(f'MNIST {split} digits: missing; get them with `{base.command("download", "mmnist", self.data_dir)}`')
+        lines.append(f'MNIST {split} digits: missing; get them with '
+                     f'`{base.command("download", "mmnist", self.data_dir)}`')
         continue
       try:
         n = len(mnist.load_idx(self.data_dir, split).images)
@@ -388,13 +389,13 @@ def load_test_set(data_dir: str, deterministic: bool, seq_len: int | None = None
     raise DataError(f'{path} has no `sequences` array; create it again with `{make}`') from None
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     raise DataError(f'Moving MNIST test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
-                     f'`{make}`') from None
+                    f'`{make}`') from None
   if sequences.ndim != 4 or sequences.shape[2:] != (FRAME_SIZE, FRAME_SIZE) or sequences.dtype != np.uint8:
     raise DataError(f'{path}: sequences are {sequences.dtype} {sequences.shape}, expected uint8 (T, N, 64, 64)')
   if seq_len is not None:
     if seq_len > sequences.shape[0]:
       raise DataError(f'{path} has {sequences.shape[0]} frames per video, fewer than seq_len={seq_len}; '
-                       f'create it again with `{make} --seq_len {seq_len}`')
+                      f'create it again with `{make} --seq_len {seq_len}`')
     sequences = sequences[:seq_len]
   return np.ascontiguousarray(sequences.transpose(1, 0, 2, 3))[..., None]
 
