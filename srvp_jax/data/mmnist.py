@@ -22,14 +22,14 @@ from typing import Any, Mapping, NamedTuple
 import numpy as np
 
 from srvp_jax.data import DataError, base, mnist
-from srvp_jax.data.pipeline import official_val_split
+from srvp_jax.data.pipeline import official_val_split, to_float
 
 FRAME_SIZE = 64
 EPS = 1e-8  # Tolerance of the official bounce computation.
 
 
 class MovingMnistSample(NamedTuple):
-  """Videos (B, T, H, W) float32 in [0, 255] with their trajectories (B, ndigits, T, 4) and digit indices."""
+  """Videos (B, T, H, W) uint8 with their trajectories (B, ndigits, T, 4) and digit indices."""
   videos: np.ndarray
   latents: np.ndarray
   digit_index: np.ndarray
@@ -203,22 +203,22 @@ def _vector_bounce(rng, row, col, drow, dcol, lim, deterministic, max_speed):
 
 
 def render(images: np.ndarray, latents: np.ndarray, frame_size: int = FRAME_SIZE) -> np.ndarray:
-  """Videos (B, T, H, W) float32: digits (B, ndigits, h, w) summed at the positions of latents
-  (B, ndigits, T, 4), clipped at 255 (the official float sum of uint8 digits)."""
+  """Videos (B, T, H, W) uint8: digits (B, ndigits, h, w) summed at the positions of latents (B, ndigits, T, 4),
+  clipped at 255 (the official float sum of uint8 digits, which is integer-valued)."""
   n, ndigits, h, w = images.shape
   seq_len = latents.shape[2]
-  canvas = np.zeros((n, seq_len, frame_size, frame_size), dtype=np.float32)
+  canvas = np.zeros((n, seq_len, frame_size, frame_size), dtype=np.uint8)
   # Writable view of every (h, w) window: one fancy-indexed block write per (video, frame, digit).
   windows = np.lib.stride_tricks.sliding_window_view(canvas, (h, w), axis=(2, 3), writeable=True)
   vid, frame = np.meshgrid(np.arange(n), np.arange(seq_len), indexing='ij')
   for d in range(ndigits):
     at = (vid, frame, latents[:, d, :, 0], latents[:, d, :, 1])
-    digit = images[:, d, None].astype(np.float32)
+    digit = np.asarray(images[:, d, None], dtype=np.uint8)
     if d == 0:
       windows[at] = digit  # The canvas is empty: writing equals adding, without reading it back.
     else:
       # Sums only exceed 255 where this digit lands; clipping as we go equals clipping the total (values >= 0).
-      windows[at] = np.minimum(windows[at] + digit, np.float32(255))
+      windows[at] = np.minimum(windows[at] + digit.astype(np.uint16), 255)
   return canvas
 
 
@@ -239,8 +239,7 @@ def generate_batch(rng: np.random.Generator, batch_size: int, *, digits: np.ndar
   """A training batch (B, T, 64, 64, 1) float32 in [0, 1] (the official uint8 / 255)."""
   videos = sample_videos(rng, digits, batch_size, seq_len, deterministic=deterministic, ndigits=ndigits,
                          max_speed=max_speed).videos
-  videos /= np.float32(255)
-  return videos[..., None]
+  return to_float(videos[..., None])
 
 
 # ----------------------------------------------------------------------------------------------------
