@@ -20,9 +20,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   from srvp_jax import train  # pylint: disable=import-outside-toplevel
+  from srvp_jax.data import DataError  # pylint: disable=import-outside-toplevel
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, FileNotFoundError, train.NonFiniteError) as e:
+  except (config_lib.ConfigError, FileNotFoundError, DataError, train.NonFiniteError) as e:
     logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     return 2

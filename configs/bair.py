@@ -2,7 +2,7 @@
 
     python launch.py --config configs/bair.py --workdir runs/bair --config.data_dir=DIR
 
-DIR holds the converted videos (``python -m srvp_jax.data.video_datasets_cli convert bair``).
+DIR holds the BAIR video store (``python -m srvp_jax.data download bair --data_dir DIR`` then ``prepare bair``).
 Evaluation: 30 frames, 2 conditioning, 100 samples.
 """
 import os

@@ -2,7 +2,7 @@
 
     python launch.py --config configs/human.py --workdir runs/human --config.data_dir=DIR
 
-DIR holds the converted videos (``python -m srvp_jax.data.video_datasets_cli convert human``).
+DIR holds the Human3.6M video store (``python -m srvp_jax.data prepare human --data_dir DIR``).
 Evaluation: 53 frames, 8 conditioning, 100 samples.
 """
 import os

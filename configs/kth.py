@@ -2,7 +2,7 @@
 
     python launch.py --config configs/kth.py --workdir runs/kth --config.data_dir=DIR
 
-DIR holds the preprocessed KTH frames (``python -m srvp_jax.data.video_datasets_cli convert kth``).
+DIR holds the KTH video store (``python -m srvp_jax.data download kth --data_dir DIR`` then ``prepare kth``).
 Evaluation: 40 frames, 10 conditioning, 100 samples.
 """
 import os

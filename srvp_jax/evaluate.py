@@ -115,24 +115,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def load_test_videos(cfg: Mapping[str, Any], data_dir: str, seq_len: int) -> np.ndarray:
   """Test videos uint8 (N, seq_len, 64, 64, nc) of the config's dataset, with the loaders' own errors."""
-  # pylint: disable=import-outside-toplevel
-  dataset = cfg['dataset']
+  from srvp_jax import data  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f'data directory {data_dir} not found')
-  if dataset in ('smmnist', 'mmnist'):
-    from srvp_jax.data import mmnist
-    return mmnist.load_test_set(data_dir, mmnist.is_deterministic(cfg), seq_len, ndigits=int(cfg['ndigits']),
-                                standin=cfg.get('digits_source') == 'standin')
-  if dataset == 'kth':
-    from srvp_jax.data import kth
-    return kth.load_test_set(data_dir, seq_len)
-  if dataset == 'human':
-    from srvp_jax.data import human
-    return human.load_test_set(data_dir, seq_len, subsampling=int(cfg['subsampling']))
-  if dataset == 'bair':
-    from srvp_jax.data import bair
-    return bair.load_test_set(data_dir, seq_len)
-  raise StartupError(f'dataset {dataset!r} has no test set loader')
+  return data.get_dataset(cfg, data_dir).test_set(seq_len)
 
 
 def load_model(ckpt_dir: str, which: str, compute_dtype: str | None = None, model_name: str | None = None):

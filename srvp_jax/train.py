@@ -283,17 +283,17 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test), mesh)
   log = MetricLog(workdir, enabled=is_main)
 
-  if train_batches is None:
+  if train_batches is None or val_batches is None:
     from srvp_jax import data  # pylint: disable=import-outside-toplevel
-    batches = data.train_batches(cfg, batch_size=local_batch, seed=int(cfg.seed), start_step=start,
-                                 process_index=jax.process_index())
+    dataset = data.get_dataset(cfg)
+  if train_batches is None:
+    batches = dataset.train_batches(local_batch, seed=int(cfg.seed), start_step=start,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
   else:
     batches = train_batches(start)
   if val_batches is None:
     def val_batches():
-      from srvp_jax import data  # pylint: disable=import-outside-toplevel
-      return data.val_batches(cfg, batch_size=int(cfg.batch_size_test), seed=int(cfg.seed),
-                              n_batches=int(cfg.n_iter_test))
+      return dataset.val_batches(int(cfg.batch_size_test), seed=int(cfg.seed), n_batches=int(cfg.n_iter_test))
 
   def save_latest(step: int) -> None:
     _check_finite(state, workdir)

@@ -21,7 +21,7 @@ from PIL import Image
 from srvp_jax import checkpoints, evaluate, evaluation
 from srvp_jax.evaluation import hooks, report
 from srvp_jax import config as config_lib
-from srvp_jax.data import make_test_set, mmnist, video_datasets_cli
+from srvp_jax.data import cli as data_cli, mmnist
 from srvp_jax.metrics import image
 from srvp_jax.model import build_model
 
@@ -94,7 +94,7 @@ def mmnist_dir(tmp_path_factory):
   images = np.zeros((2 * N_VIDEOS, 28, 28), np.uint8)
   images[:, 5:23, 8:20] = rng.integers(0, 256, (2 * N_VIDEOS, 18, 12), dtype=np.uint8)
   labels = rng.integers(0, 10, 2 * N_VIDEOS).astype(np.uint8)
-  arrays = make_test_set.mmnist_test_set(images, labels, deterministic=False, seq_len=6, n_videos=N_VIDEOS)
+  arrays = mmnist.official_test_set(images, labels, deterministic=False, seq_len=6, n_videos=N_VIDEOS)
   np.savez_compressed(os.path.join(data_dir, mmnist.test_set_filename(False)), **arrays)
   return data_dir
 
@@ -482,30 +482,29 @@ def test_lpips_refused_after_tensorflow(tiny_ckpt, mmnist_dir, tmp_path, monkeyp
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# python -m srvp_jax.data.make_test_set {mmnist,kth,human}.
+# python -m srvp_jax.data make_test_set {mmnist,kth,human}.
 
 
-def test_make_test_set_dispatch(tmp_path, capsys):
-  assert make_test_set.HANDLERS['kth'] is video_datasets_cli.make_test_set_kth
-  assert make_test_set.HANDLERS['human'] is video_datasets_cli.make_test_set_human
-  assert sorted(make_test_set.HANDLERS) == ['human', 'kth', 'mmnist']
+def test_make_test_set_cli(tmp_path, capsys):
   for name in ('kth', 'human'):
-    with pytest.raises(SystemExit) as exit_info:
-      make_test_set.main([name, '--data_dir', str(tmp_path / 'missing')])
-    assert exit_info.value.code == 1
+    assert data_cli.main(['make_test_set', name, '--data_dir', str(tmp_path / 'missing')]) == 1
     assert 'not found' in _one_error_line(capsys)
   # Human3.6M end to end: official draws (legacy NumPy seed 42) over the sorted test videos.
-  from srvp_jax.data import human  # pylint: disable=import-outside-toplevel
+  from srvp_jax import config  # pylint: disable=import-outside-toplevel
+  from srvp_jax.data import get_dataset  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(4)
   os.makedirs(tmp_path / 'test')
   sources = {}
   for name, n in (('S9-Walking', 12), ('S11-Eating 1', 9)):
     sources[name] = rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
     np.savez(tmp_path / 'test' / name, image=sources[name])
-  make_test_set.main(['human', '--data_dir', str(tmp_path), '--size', '3', '--seq_len', '4', '--subsampling', '2'])
+  assert data_cli.main(['make_test_set', 'human', '--data_dir', str(tmp_path), '--size', '3', '--seq_len', '4',
+                        '--subsampling', '2']) == 0
   names = sorted(sources)
   draws = np.random.RandomState(42)
-  videos = human.load_test_set(str(tmp_path), test_len=4, subsampling=2)
+  cfg = config.default_config()
+  cfg.update(dataset='human', nc=3, subsampling=2)
+  videos = get_dataset(cfg, str(tmp_path)).test_set(4)
   assert videos.shape == (3, 4, 64, 64, 3) and videos.dtype == np.uint8
   for i in range(3):
     source = sources[names[draws.randint(len(names))]]

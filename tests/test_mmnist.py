@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from srvp_jax import config
-from srvp_jax.data import make_test_set, mmnist, mnist
+from srvp_jax.data import cli, get_dataset, mmnist, mnist, pipeline
 
 LIM = 36  # 64 - 28.
 
@@ -300,7 +300,7 @@ def test_make_test_set_cli_matches_reference(tmp_path, deterministic):
   data = write_fake_mnist(str(tmp_path), 10, 40)
   seq_len = 30 if deterministic else 12
   flags = ['--deterministic'] if deterministic else []
-  make_test_set.main(['mmnist', '--data_dir', str(tmp_path), '--seq_len', str(seq_len)] + flags)
+  assert cli.main(['make_test_set', 'mmnist', '--data_dir', str(tmp_path), '--seq_len', str(seq_len)] + flags) == 0
   name = 'mmnist_test_2digits_64.npz' if deterministic else 'smmnist_test_2digits_64.npz'
   with np.load(tmp_path / name) as f:
     got = dict(f)
@@ -313,16 +313,41 @@ def test_make_test_set_cli_matches_reference(tmp_path, deterministic):
 
 def test_make_test_set_fewer_videos_and_digits():
   images, labels = fake_digits(40, 5)
-  got = make_test_set.mmnist_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
+  got = mmnist.official_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
   assert_same_arrays(got, reference_test_set(images, labels, False, 25, n_videos=7, ndigits=3))
 
 
-def test_make_test_set_errors(tmp_path):
+def test_make_test_set_errors(tmp_path, capsys):
   with pytest.raises(FileNotFoundError, match='make_test_set mmnist'):
     mmnist.load_test_set(str(tmp_path), deterministic=False)
-  with pytest.raises(SystemExit, match='unknown dataset'):
-    make_test_set.main(['nope'])
-  assert make_test_set.DEFAULT_SEQ_LEN == {False: 25, True: 100}
+  with pytest.raises(SystemExit) as exit_info:
+    cli.main(['make_test_set', 'nope', '--data_dir', str(tmp_path)])
+  assert exit_info.value.code == 2
+  capsys.readouterr()
+  assert mmnist.DEFAULT_TEST_LEN == {False: 25, True: 100}
+  with mock.patch.object(mnist, '_reachable', lambda *a, **k: False):
+    assert cli.main(['make_test_set', 'mmnist', '--data_dir', str(tmp_path / 'none'), '--source', 'idx']) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: MNIST IDX files') and '\n' not in err
+
+
+@pytest.mark.parametrize('content, expected', [
+    (b'\x1f\x8b\x08\x00garbage', 'cannot read'),  # gzip header, corrupt stream.
+    (b'not gzip at all', 'cannot read'),
+    (None, 'cannot read'),  # A valid gzip file cut in the middle.
+    (b'\x00\x00\x08\x03' + b'\x00' * 6, 'truncated'),  # Plain IDX with an incomplete header.
+])
+def test_corrupt_idx_file_is_one_line_naming_it(tmp_path, capsys, content, expected):
+  write_fake_mnist(str(tmp_path), 10, 40)
+  bad = tmp_path / (mnist.IDX_FILES['test'][0] + ('.gz' if content is None or content[:2] != b'\x00\x00' else ''))
+  for f in tmp_path.iterdir():
+    if f.name.startswith(mnist.IDX_FILES['test'][0]):
+      whole = f.read_bytes()
+      f.unlink()
+  bad.write_bytes(whole[:len(whole) // 2] if content is None else content)
+  assert cli.main(['make_test_set', 'mmnist', '--data_dir', str(tmp_path), '--size', '3']) == 1
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error: ') and str(bad) in err and expected in err and '\n' not in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -337,9 +362,8 @@ def mmnist_config(data_dir, **overrides):
 
 def test_split_is_official_95_5(tmp_path):
   write_fake_mnist(str(tmp_path), 200, 4)
-  cfg = mmnist_config(str(tmp_path))
-  train = mmnist._split_digits(cfg, True, 'auto')  # pylint: disable=protected-access
-  val = mmnist._split_digits(cfg, False, 'auto')  # pylint: disable=protected-access
+  dataset = get_dataset(mmnist_config(str(tmp_path)))
+  train, val = dataset.digits('train'), dataset.digits('val')
   ids = lambda d: set((d[:, 0, 0].astype(int) + 256 * d[:, 0, 1].astype(int)).tolist())
   assert len(train) == 190 and len(val) == 10
   assert ids(train) | ids(val) == set(range(200)) and not ids(train) & ids(val)
@@ -350,23 +374,28 @@ def test_split_is_official_95_5(tmp_path):
 def test_train_batches_resume_exactly(tmp_path):
   write_fake_mnist(str(tmp_path), 60, 4)
   cfg = mmnist_config(str(tmp_path))
-  fresh = mmnist.train_batches(cfg, batch_size=3, seed=7)
+  fresh = get_dataset(cfg).train_batches(3, seed=7)
   first = [next(fresh) for _ in range(5)]
   assert first[0].shape == (3, 6, 64, 64, 1) and first[0].dtype == np.float32
   assert 0 <= first[0].min() and first[0].max() <= 1 and first[0].max() > 0
   assert not np.array_equal(first[0], first[1])
-  resumed = mmnist.train_batches(cfg, batch_size=3, seed=7, start_step=3)
+  resumed = get_dataset(cfg).train_batches(3, seed=7, start_step=3)
   np.testing.assert_array_equal(next(resumed), first[3])
   np.testing.assert_array_equal(next(resumed), first[4])
-  other = next(mmnist.train_batches(cfg, batch_size=3, seed=7, process_index=1))
+  other = next(get_dataset(cfg).train_batches(3, seed=7, process_index=1))
   assert not np.array_equal(other, first[0])
+  # The stream is the documented pure function: generate_batch(step_rng(seed, k, process)) on the train digits.
+  digits = mnist.load_digits(str(tmp_path), 'train').images[np.sort(pipeline.official_val_split(60, True))]
+  for k in (0, 4):
+    want = mmnist.generate_batch(pipeline.step_rng(7, k, 0), 3, digits=digits, seq_len=6, deterministic=False)
+    np.testing.assert_array_equal(first[k], want)
 
 
 def test_val_batches_are_fixed(tmp_path):
   write_fake_mnist(str(tmp_path), 60, 4)
   cfg = mmnist_config(str(tmp_path), dataset='mmnist', seq_len_test=9)
-  a = list(mmnist.val_batches(cfg, batch_size=2, seed=0, n_batches=3))
-  b = list(mmnist.val_batches(cfg, batch_size=2, seed=0, n_batches=3))
+  a = list(get_dataset(cfg).val_batches(2, seed=0, n_batches=3))
+  b = list(get_dataset(cfg).val_batches(2, seed=0, n_batches=3))
   assert len(a) == 3 and a[0].shape == (2, 9, 64, 64, 1)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)

@@ -206,7 +206,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
                     nt_cond=3, batch_size=16, lr=1e-3, lr_scheduling_burnin=60, lr_scheduling_n_iter=1,
                     chkpt_interval=1000, log_interval=1, num_data_workers=2)
   from srvp_jax import data  # pylint: disable=import-outside-toplevel
-  batches = lambda start: data.train_batches(cfg, batch_size=16, seed=0, start_step=start)
+  batches = lambda start: data.get_dataset(cfg).train_batches(16, seed=0, start_step=start)
   train.train_and_evaluate(cfg, str(tmp_path), train_batches=batches, val_batches=lambda: iter(()),
                            progress=False)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:

@@ -1,4 +1,4 @@
-"""KTH, Human3.6M and BAIR data: streams, official splits, official test files, test-set draws, errors.
+"""KTH, Human3.6M and BAIR from their official layouts: streams, splits, official test files and draws, errors.
 
 Tiny fake datasets are written in the official on-disk formats. Every frame is random noise, so a frame
 identifies its (video, time) and a batch can be traced back to the clips it was cut from.
@@ -6,7 +6,6 @@ identifies its (video, time) and a batch can be traced back to the clips it was 
 
 import io
 import os
-import subprocess
 import tarfile
 import urllib.error
 import zipfile
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 
 from srvp_jax import config
-from srvp_jax.data import bair, human, kth, video_datasets_cli
+from srvp_jax.data import base, bair, cli, get_dataset, human, kth, pipeline
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fake datasets.
@@ -149,39 +148,39 @@ def _check_batches(batches, videos, fold_ids, shape, step=1):
 @pytest.mark.parametrize('n', [1, 9, 20, 43264])
 def test_official_95_5_split(n):
   train, val = _official_folds(n)
-  assert set(kth.fold_indices(n, 'train')) == train and set(kth.fold_indices(n, 'val')) == val
-  assert list(kth.fold_indices(n, 'train')) == sorted(train)  # Dataset order, as official get_fold keeps it.
+  assert set(pipeline.fold_indices(n, 'train')) == train and set(pipeline.fold_indices(n, 'val')) == val
+  assert list(pipeline.fold_indices(n, 'train')) == sorted(train)  # Dataset order, as official get_fold keeps it.
 
 
 def test_natural_frame_order():
   names = ['image-1000.png', 'image-999.png', 'image-001.png', 'image-100.png']
-  assert sorted(names, key=kth.natural_key) == ['image-001.png', 'image-100.png', 'image-999.png', 'image-1000.png']
+  assert sorted(names, key=base.natural_key) == ['image-001.png', 'image-100.png', 'image-999.png', 'image-1000.png']
 
 
 def _stream_case(name, kth_dir, human_dir, bair_dir):
   if name == 'kth':
     cfg = _cfg('kth', kth_dir, 1, seq_len=6, seq_len_test=8)
-    return cfg, kth, _kth_videos(kth_dir), 1, 1
+    return cfg, get_dataset(cfg), _kth_videos(kth_dir), 1, 1
   if name == 'human':
     cfg = _cfg('human', human_dir, 3, seq_len=4, seq_len_test=5, subsampling=3)
-    return cfg, human, _human_videos(human_dir), 3, 3
+    return cfg, get_dataset(cfg), _human_videos(human_dir), 3, 3
   cfg = _cfg('bair', bair_dir, 3, seq_len=12, seq_len_test=30)
-  return cfg, bair, _bair_videos(bair_dir, 'train'), 3, 1
+  return cfg, get_dataset(cfg), _bair_videos(bair_dir, 'train'), 3, 1
 
 
 @pytest.mark.parametrize('name', ['kth', 'human', 'bair'])
 def test_train_stream_shapes_split_and_exact_resume(name, kth_dir, human_dir, bair_dir):
-  cfg, module, videos, nc, step = _stream_case(name, kth_dir, human_dir, bair_dir)
+  cfg, dataset, videos, nc, step = _stream_case(name, kth_dir, human_dir, bair_dir)
   train_ids, _ = _official_folds(len(videos))
-  it = module.train_batches(cfg, batch_size=5, seed=3)
+  it = dataset.train_batches(5, seed=3)
   fresh = [next(it) for _ in range(4)]
   starts = _check_batches(fresh, videos, train_ids, (5, cfg.seq_len, 64, 64, nc), step)
   assert len(starts) > 1  # Random starts, not always the first frame.
   assert not np.array_equal(fresh[0], fresh[1])
-  resumed = module.train_batches(cfg, batch_size=5, seed=3, start_step=2)
+  resumed = get_dataset(cfg).train_batches(5, seed=3, start_step=2)
   np.testing.assert_array_equal(next(resumed), fresh[2])
   np.testing.assert_array_equal(next(resumed), fresh[3])
-  other = next(module.train_batches(cfg, batch_size=5, seed=3, process_index=1))
+  other = next(dataset.train_batches(5, seed=3, process_index=1, process_count=2))
   assert not np.array_equal(other, fresh[0])
 
 
@@ -190,15 +189,15 @@ def test_training_skips_videos_too_short(kth_dir):
   short = {i for i, v in enumerate(videos) if len(v) < 6}
   train_ids, _ = _official_folds(len(videos))
   assert short & train_ids
-  eligible = kth._eligible(kth._training_videos(kth_dir, kth.DEFAULT_CACHE_BYTES), 'train', 6)
+  eligible = kth.KTH(_cfg('kth', kth_dir, 1, seq_len=6)).eligible('train', 6)
   assert set(eligible) == train_ids - short
-  with pytest.raises(ValueError, match='no KTH train video has at least 99 frames'):
-    kth.train_batches(_cfg('kth', kth_dir, 1, seq_len=99), batch_size=2, seed=0)
+  with pytest.raises(ValueError, match='no KTH train video has 99 frames'):
+    get_dataset(_cfg('kth', kth_dir, 1, seq_len=99)).train_batches(2, seed=0)
 
 
 def test_uncached_clips_equal_cached(kth_dir):
   _, frames = kth.index_videos(kth_dir, train=True)
-  cached, uncached = kth.PngVideos(frames, nc=1), kth.PngVideos(frames, nc=1, cache_bytes=0)
+  cached, uncached = base.PngVideos(frames, nc=1), base.PngVideos(frames, nc=1, cache_bytes=0)
   for v in range(len(frames)):
     if len(frames[v]) >= 4:
       np.testing.assert_array_equal(cached.clip(v, 1, 3), uncached.clip(v, 1, 3))
@@ -207,11 +206,11 @@ def test_uncached_clips_equal_cached(kth_dir):
 
 @pytest.mark.parametrize('name', ['kth', 'human', 'bair'])
 def test_val_batches_deterministic_from_val_fold(name, kth_dir, human_dir, bair_dir):
-  cfg, module, videos, nc, step = _stream_case(name, kth_dir, human_dir, bair_dir)
+  cfg, dataset, videos, nc, step = _stream_case(name, kth_dir, human_dir, bair_dir)
   _, val_ids = _official_folds(len(videos))
-  first = list(module.val_batches(cfg, batch_size=3, seed=7, n_batches=2))
-  again = list(module.val_batches(cfg, batch_size=3, seed=7, n_batches=2))
-  other = list(module.val_batches(cfg, batch_size=3, seed=8, n_batches=2))
+  first = list(dataset.val_batches(3, seed=7, n_batches=2))
+  again = list(get_dataset(cfg).val_batches(3, seed=7, n_batches=2))
+  other = list(dataset.val_batches(3, seed=8, n_batches=2))
   assert len(first) == 2
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a, b)
@@ -223,27 +222,46 @@ def test_bair_val_uses_every_video_before_repeating(bair_dir):
   cfg = _cfg('bair', bair_dir, 3, seq_len=12, seq_len_test=10)
   videos = _bair_videos(bair_dir, 'train')
   _, val_ids = _official_folds(len(videos))
-  batch = next(bair.val_batches(cfg, batch_size=len(val_ids), seed=0, n_batches=1))
+  batch = next(get_dataset(cfg).val_batches(len(val_ids), seed=0, n_batches=1))
   seen = {_locate(np.round(c * 255).astype(np.uint8), videos)[0] for c in batch}
   assert seen == val_ids
 
 
+def test_bair_training_visits_shuffled_epochs(bair_dir):
+  """Every training video once per epoch (in a new order each epoch), across steps and processes."""
+  cfg = _cfg('bair', bair_dir, 3, seq_len=2)
+  videos = _bair_videos(bair_dir, 'train')
+  train_ids, _ = _official_folds(len(videos))
+  n = len(train_ids)
+  dataset = get_dataset(cfg)
+  picks = []
+  for step in range(3):  # 3 steps x 2 processes x batch 4 = 24 positions: > one epoch of 20 videos.
+    for p in range(2):
+      batch = dataset.train_batch(5, step, p, 2, 4)
+      picks += [_locate(np.round(c * 255).astype(np.uint8), videos)[0] for c in batch]
+  assert sorted(picks[:n]) == sorted(train_ids)
+  assert len(set(picks[n:2 * n])) == len(picks[n:2 * n])
+
+
 def test_channel_and_length_mismatches(kth_dir, bair_dir):
   with pytest.raises(ValueError, match='set nc=1'):
-    kth.train_batches(_cfg('kth', kth_dir, 3, seq_len=6), batch_size=2, seed=0)
+    get_dataset(_cfg('kth', kth_dir, 3, seq_len=6)).train_batches(2, seed=0)
   with pytest.raises(ValueError, match='30 frames'):
-    bair.train_batches(_cfg('bair', bair_dir, 3, seq_len=31), batch_size=2, seed=0)
+    get_dataset(_cfg('bair', bair_dir, 3, seq_len=31)).train_batches(2, seed=0)
+
+
+def test_training_on_official_png_layout_hints_prepare(kth_dir, capsys):
+  next(get_dataset(_cfg('kth', kth_dir, 1, seq_len=6)).train_batches(2, seed=0))
+  err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert len(err) == 1 and f'python -m srvp_jax.data prepare kth --data_dir {kth_dir}' in err[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Official test files.
 # --------------------------------------------------------------------------------------------------------------------
 
-def test_kth_make_test_set_matches_spec_procedure(kth_dir):
-  size, seq_len = 25, 5
-  path = kth.make_test_set(kth_dir, size=size, seq_len=seq_len)
-  assert path == os.path.join(kth_dir, 'svg_test_set_5.npz')
-  # Straightforward reimplementation of the SPEC procedure with NumPy's global generator.
+def _kth_reference_test_set(kth_dir, size, seq_len):
+  """Straightforward reimplementation of the SPEC procedure with NumPy's global generator, on the PNG frames."""
   state = np.random.get_state()
   np.random.seed(42)
   sequences, persons, actions = [], [], []
@@ -260,18 +278,27 @@ def test_kth_make_test_set_matches_spec_procedure(kth_dir):
       actions.append(action)
   finally:
     np.random.set_state(state)
+  return np.array(sequences), np.array(persons), np.array(actions)
+
+
+def test_kth_make_test_set_matches_spec_procedure(kth_dir):
+  size, seq_len = 25, 5
+  dataset = kth.KTH(None, kth_dir)
+  path = dataset.make_test_set(size=size, seq_len=seq_len)
+  assert path == os.path.join(kth_dir, 'svg_test_set_5.npz')
+  sequences, persons, actions = _kth_reference_test_set(kth_dir, size, seq_len)
   with np.load(path) as f:
     assert sorted(f.files) == ['actions', 'persons', 'sequences']
     assert f['sequences'].dtype == np.uint8 and f['sequences'].shape == (size, seq_len, 64, 64)
-    np.testing.assert_array_equal(f['sequences'], np.array(sequences))
-    np.testing.assert_array_equal(f['persons'], np.array(persons))
-    np.testing.assert_array_equal(f['actions'], np.array(actions))
-  loaded = kth.load_test_set(kth_dir, test_len=seq_len)
+    np.testing.assert_array_equal(f['sequences'], sequences)
+    np.testing.assert_array_equal(f['persons'], persons)
+    np.testing.assert_array_equal(f['actions'], actions)
+  loaded = dataset.test_set(seq_len)
   assert loaded.shape == (size, seq_len, 64, 64, 1) and loaded.dtype == np.uint8
-  np.testing.assert_array_equal(loaded[..., 0], np.array(sequences))
-  np.testing.assert_array_equal(kth.load_test_set(kth_dir, 3, test_len=seq_len)[..., 0], np.array(sequences)[:, :3])
-  with pytest.raises(ValueError, match='exceeds'):
-    kth.load_test_set(kth_dir, 6, test_len=seq_len)
+  np.testing.assert_array_equal(loaded[..., 0], sequences)
+  # --nt_gen N reads the file made for N frames, never a cut of another one.
+  with pytest.raises(FileNotFoundError, match=r'svg_test_set_3\.npz.*make_test_set kth --data_dir .* --seq_len 3'):
+    dataset.test_set(3)
 
 
 def test_kth_load_official_file(tmp_path):
@@ -279,15 +306,19 @@ def test_kth_load_official_file(tmp_path):
   sequences = rng.integers(0, 256, size=(4, 40, 64, 64), dtype=np.uint8)
   np.savez_compressed(tmp_path / 'svg_test_set_40.npz', sequences=sequences, persons=[21, 22, 23, 24],
                       actions=['boxing', 'running', 'walking', 'handclapping'])
-  loaded = kth.load_test_set(str(tmp_path))
+  loaded = kth.KTH(None, str(tmp_path)).test_set()
   assert loaded.shape == (4, 40, 64, 64, 1) and loaded.dtype == np.uint8
   np.testing.assert_array_equal(loaded[..., 0], sequences)
+  (tmp_path / 'svg_test_set_40.npz').write_bytes(b'PK\x03\x04 truncated')
+  with pytest.raises(ValueError, match=r'svg_test_set_40\.npz is unreadable'):
+    kth.KTH(None, str(tmp_path)).test_set()
 
 
 def test_human_make_test_set_matches_spec_procedure(human_dir):
   size, seq_len, sub = 12, 6, 3
   span = (seq_len - 1) * sub + 1
-  out_dir = human.make_test_set(human_dir, size=size, seq_len=seq_len, subsampling=sub)
+  dataset = human.Human(_cfg('human', human_dir, 3, 4, subsampling=sub))
+  out_dir = dataset.make_test_set(size=size, seq_len=seq_len)
   assert out_dir == os.path.join(human_dir, 'test_set_6_3')
   state = np.random.get_state()
   np.random.seed(42)
@@ -307,14 +338,16 @@ def test_human_make_test_set_matches_spec_procedure(human_dir):
       assert f.files == ['image', 'filename', 'subject', 'frame']
       for key, value in want.items():
         np.testing.assert_array_equal(f[key], value)
-  loaded = human.load_test_set(human_dir, test_len=seq_len, subsampling=sub)
+  loaded = dataset.test_set(seq_len)
   order = sorted(expected)  # Official loader order: test_0, test_1, test_10, test_11, test_2, ...
   assert order[2] == 'test_10.npz'
   assert loaded.shape == (size, seq_len, 64, 64, 3) and loaded.dtype == np.uint8
   for j, name in enumerate(order):
     np.testing.assert_array_equal(loaded[j], expected[name]['image'][::sub])
-  np.testing.assert_array_equal(human.load_test_set(human_dir, 2, test_len=seq_len, subsampling=sub),
-                                loaded[:, :2])
+  np.testing.assert_array_equal(dataset.test_set(2, test_len=seq_len), loaded[:, :2])
+  with pytest.raises(FileNotFoundError, match=r'test_set_7_3/test_<i>\.npz.*make_test_set human .*--seq_len 7 '
+                                              r'--subsampling 3'):
+    dataset.test_set(7)
 
 
 def test_human_load_official_folder(tmp_path):
@@ -324,92 +357,28 @@ def test_human_load_official_folder(tmp_path):
   images = [rng.integers(0, 256, size=(417, 64, 64, 3), dtype=np.uint8) for _ in range(2)]
   np.savez(folder / 'test_0', image=images[0], filename='Walking', subject=9, frame=3)
   np.savez_compressed(folder / 'test_1', image=images[1], filename='Eating', subject=11, frame=0)  # Not memmapped.
-  loaded = human.load_test_set(str(tmp_path))
+  loaded = human.Human(_cfg('human', str(tmp_path), 3, 4)).test_set(53)
   assert loaded.shape == (2, 53, 64, 64, 3)
   for j in range(2):
     np.testing.assert_array_equal(loaded[j], images[j][::8])
   assert isinstance(human.load_npz_array(str(folder / 'test_0.npz')), np.memmap)
+  (folder / 'test_1.npz').write_bytes(b'not a zip')
+  with pytest.raises(ValueError, match=r'test_1\.npz is not a readable npz'):
+    human.Human(_cfg('human', str(tmp_path), 3, 4)).test_set(53)
 
 
 def test_bair_load_test_set(bair_dir):
   expected = np.stack(_bair_videos(bair_dir, 'test'))
-  loaded = bair.load_test_set(bair_dir)
+  dataset = bair.BAIR(None, bair_dir)
+  loaded = dataset.test_set()
   assert loaded.shape == (3, 30, 64, 64, 3) and loaded.dtype == np.uint8
   np.testing.assert_array_equal(loaded, expected)
-  np.testing.assert_array_equal(bair.load_test_set(bair_dir, seq_len=12), expected[:, :12])
+  np.testing.assert_array_equal(dataset.test_set(12), expected[:, :12])
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Conversion and download (network and external programs mocked).
+# Download (network mocked).
 # --------------------------------------------------------------------------------------------------------------------
-
-def test_bair_convert_from_tfrecords(tmp_path):
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
-  rng = np.random.default_rng(0)
-  videos = {}
-  for fold, n in (('train', 2), ('test', 1)):
-    os.makedirs(tmp_path / 'softmotion30_44k' / fold)
-    with tf.io.TFRecordWriter(str(tmp_path / 'softmotion30_44k' / fold / 'traj_0_to_1.tfrecords')) as writer:
-      for k in range(1, n + 1):
-        frames = rng.integers(0, 256, size=(30, 64, 64, 3), dtype=np.uint8)
-        videos[fold, k] = frames
-        feature = {f'{i}/image_aux1/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(value=[f.tobytes()]))
-                   for i, f in enumerate(frames)}
-        feature['0/image_main/encoded'] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[b'\0' * 12288]))
-        writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
-  bair.convert(str(tmp_path))
-  for (fold, k), frames in videos.items():
-    d = tmp_path / 'processed_data' / fold / 'traj_0_to_1' / f'{k:03d}'
-    assert sorted(os.listdir(d)) == [f'{i:03d}.png' for i in range(30)]
-  np.testing.assert_array_equal(bair.load_test_set(str(tmp_path)), videos['test', 1][None])
-
-
-def test_kth_convert_errors(tmp_path, monkeypatch):
-  monkeypatch.setattr(kth.shutil, 'which', lambda name: None)
-  with pytest.raises(RuntimeError, match='needs the ffmpeg executable'):
-    kth.convert(str(tmp_path))
-  monkeypatch.setattr(kth.shutil, 'which', lambda name: '/usr/bin/ffmpeg')
-  with pytest.raises(FileNotFoundError, match=r'raw/<action>/\*_uncomp\.avi.*download kth'):
-    kth.convert(str(tmp_path))
-
-
-def test_kth_convert_runs_official_ffmpeg_command(tmp_path, monkeypatch):
-  for action in kth.CLASSES:
-    os.makedirs(tmp_path / 'raw' / action)
-  (tmp_path / 'raw' / 'boxing' / 'person01_boxing_d1_uncomp.avi').write_bytes(b'')
-  (tmp_path / 'raw' / 'boxing' / 'readme.txt').write_bytes(b'')
-  calls = []
-  monkeypatch.setattr(kth.shutil, 'which', lambda name: '/usr/bin/ffmpeg')
-  monkeypatch.setattr(kth.subprocess, 'run',
-                      lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, '', ''))
-  kth.convert(str(tmp_path))
-  assert len(calls) == 1
-  cmd = calls[0]
-  out = os.path.join(str(tmp_path), 'processed_64', 'boxing', 'person01_boxing_d1')
-  assert os.path.isdir(out)
-  assert cmd[-1] == os.path.join(out, 'image-%03d.png')
-  assert cmd[cmd.index('-r') + 1] == '25' and cmd[cmd.index('-s') + 1] == '64x64'
-
-
-def test_human_convert_official_processing(tmp_path, monkeypatch):
-  rng = np.random.default_rng(0)
-  frames = rng.integers(0, 256, size=(3, 1000, 1000, 3), dtype=np.uint8)
-  for s in human.TRAIN_SUBJECTS + human.TEST_SUBJECTS:
-    os.makedirs(tmp_path / f'S{s}' / 'Videos')
-  (tmp_path / 'S1' / 'Videos' / 'Walking 1.54138969.mp4').write_bytes(b'')
-  (tmp_path / 'S1' / 'Videos' / '_ALL.mp4').write_bytes(b'')
-  (tmp_path / 'S9' / 'Videos' / 'Eating.mp4').write_bytes(b'')
-  monkeypatch.setattr(human, '_video_frames', lambda path: iter(frames))
-  human.convert(str(tmp_path))
-  assert os.listdir(tmp_path / 'train') == ['S1-Walking 1.54138969.npz']
-  assert os.listdir(tmp_path / 'test') == ['S9-Eating.npz']
-  with np.load(tmp_path / 'train' / 'S1-Walking 1.54138969.npz') as f:
-    want = np.stack([np.array(Image.fromarray(x).crop((100, 100, 900, 900)).resize((64, 64), Image.LANCZOS))
-                     for x in frames])
-    np.testing.assert_array_equal(f['image'], want)
-    assert str(f['filename']) == 'Walking 1.54138969' and int(f['subject']) == 1
-
 
 def _fake_urlopen(payloads, seen):
   def urlopen(url, timeout=None):
@@ -426,8 +395,8 @@ def test_kth_download_uses_official_urls(tmp_path, monkeypatch):
       z.writestr(f'person01_{action}_d1_uncomp.avi', b'avi')
     payloads[f'http://www.nada.kth.se/cvap/actions/{action}.zip'] = buf.getvalue()
   seen = []
-  monkeypatch.setattr(kth.urllib.request, 'urlopen', _fake_urlopen(payloads, seen))
-  kth.download(str(tmp_path))
+  monkeypatch.setattr(base.urllib.request, 'urlopen', _fake_urlopen(payloads, seen))
+  kth.KTH(None, str(tmp_path)).download()
   assert seen == list(payloads)
   for action in kth.CLASSES:
     assert os.listdir(tmp_path / 'raw' / action) == [f'person01_{action}_d1_uncomp.avi']
@@ -442,27 +411,31 @@ def test_bair_download_uses_official_url(tmp_path, monkeypatch):
     tar.addfile(info, io.BytesIO(b'abc'))
   seen = []
   url = 'http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar'
-  monkeypatch.setattr(kth.urllib.request, 'urlopen', _fake_urlopen({url: buf.getvalue()}, seen))
-  bair.download(str(tmp_path))
+  monkeypatch.setattr(base.urllib.request, 'urlopen', _fake_urlopen({url: buf.getvalue()}, seen))
+  bair.BAIR(None, str(tmp_path)).download()
   assert seen == [url]
   assert (tmp_path / 'softmotion30_44k' / 'test' / 'traj_0_to_255.tfrecords').read_bytes() == b'abc'
   assert sorted(os.listdir(tmp_path)) == ['softmotion30_44k']
 
 
-def test_download_offline_is_one_clear_line(tmp_path, monkeypatch):
+def test_download_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
   def offline(url, timeout=None):
     raise urllib.error.URLError('Name or service not known')
-  monkeypatch.setattr(kth.urllib.request, 'urlopen', offline)
+  monkeypatch.setattr(base.urllib.request, 'urlopen', offline)
   with pytest.raises(RuntimeError, match=r'cannot download http://www.nada.kth.se/cvap/actions/boxing.zip') as e:
-    kth.download(str(tmp_path))
+    kth.KTH(None, str(tmp_path)).download()
   assert '\n' not in str(e.value)
   with pytest.raises(RuntimeError, match='bair_robot_pushing_dataset_v0.tar'):
-    bair.download(str(tmp_path))
+    bair.BAIR(None, str(tmp_path)).download()
+  for name in ('mmnist', 'kth', 'bair'):  # The CLI: one line, exit status 1, the URL named.
+    assert cli.main(['download', name, '--data_dir', str(tmp_path / name)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: cannot download http') and '\n' not in err
   assert not [f for f in os.listdir(tmp_path) if f.endswith('.part')]
   for action in kth.CLASSES:  # Archives copied by hand are used as they are.
     with zipfile.ZipFile(tmp_path / 'raw' / f'{action}.zip', 'w') as z:
       z.writestr(f'person21_{action}_d1_uncomp.avi', b'avi')
-  kth.download(str(tmp_path))
+  kth.KTH(None, str(tmp_path)).download()
   assert os.listdir(tmp_path / 'raw' / 'walking') == ['person21_walking_d1_uncomp.avi']
 
 
@@ -471,16 +444,19 @@ def test_download_offline_is_one_clear_line(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('call, expected', [
-    (lambda d: kth.train_batches(_cfg('kth', d, 1, 6), batch_size=2, seed=0), r'processed_64/<action>.*convert kth'),
-    (lambda d: kth.val_batches(_cfg('kth', d, 1, 6), batch_size=2, seed=0, n_batches=1), r'processed_64'),
-    (lambda d: kth.load_test_set(d), r'svg_test_set_40\.npz.*make_test_set kth'),
-    (lambda d: kth.make_test_set(d), r'processed_64.*convert kth'),
-    (lambda d: human.train_batches(_cfg('human', d, 3, 6), batch_size=2, seed=0), r'train/S<subject>.*convert human'),
-    (lambda d: human.load_test_set(d), r'test_set_53_8/test_<i>\.npz.*make_test_set human'),
-    (lambda d: human.make_test_set(d), r'test/S<subject>.*convert human'),
-    (lambda d: bair.train_batches(_cfg('bair', d, 3, 12), batch_size=2, seed=0), r'processed_data.*convert bair'),
-    (lambda d: bair.load_test_set(d), r'processed_data/test.*download bair.*convert bair'),
-    (lambda d: bair.convert(d), r'softmotion30_44k/train/\*\.tfrecords.*download bair'),
+    (lambda d: get_dataset(_cfg('kth', d, 1, 6)).train_batches(2, seed=0),
+     r'KTH train videos not found.*processed_64.*download kth --data_dir .* prepare kth'),
+    (lambda d: get_dataset(_cfg('kth', d, 1, 6)).val_batches(2, seed=0, n_batches=1), r'processed_64'),
+    (lambda d: kth.KTH(None, d).test_set(), r'svg_test_set_40\.npz.*make_test_set kth'),
+    (lambda d: kth.KTH(None, d).make_test_set(), r'KTH test videos not found.*prepare kth'),
+    (lambda d: get_dataset(_cfg('human', d, 3, 6)).train_batches(2, seed=0),
+     r'Human3.6M train videos not found.*train/S<subject>.*prepare human'),
+    (lambda d: human.Human(None, d).test_set(), r'test_set_53_8/test_<i>\.npz.*make_test_set human'),
+    (lambda d: human.Human(None, d).make_test_set(), r'test/S<subject>.*prepare human'),
+    (lambda d: get_dataset(_cfg('bair', d, 3, 12)).train_batches(2, seed=0),
+     r'processed_data.*download bair.*prepare bair'),
+    (lambda d: bair.BAIR(None, d).test_set(), r'BAIR test videos not found.*download bair.*prepare bair'),
+    (lambda d: bair.BAIR(None, d).prepare(progress=False), r'softmotion30_44k/.*download bair'),
 ])
 def test_missing_data_errors(tmp_path, call, expected):
   with pytest.raises(FileNotFoundError, match=expected) as e:
@@ -489,17 +465,20 @@ def test_missing_data_errors(tmp_path, call, expected):
   assert not os.listdir(tmp_path)  # Nothing half-written.
 
 
-def test_cli_handlers(kth_dir, human_dir, tmp_path, capsys):
-  assert video_datasets_cli.make_test_set_kth(['--data_dir', str(tmp_path)]) == 1
+def test_cli_make_test_set(kth_dir, human_dir, tmp_path, capsys):
+  assert cli.main(['make_test_set', 'kth', '--data_dir', str(tmp_path)]) == 1
   err = capsys.readouterr().err.strip()
-  assert err.startswith('error: KTH frames not found') and '\n' not in err
-  assert video_datasets_cli.make_test_set_kth(['--data_dir', kth_dir, '--size', '3', '--seq_len', '4']) == 0
+  assert err.startswith('error: KTH test videos not found') and '\n' not in err
+  assert cli.main(['make_test_set', 'kth', '--data_dir', kth_dir, '--size', '3', '--seq_len', '4']) == 0
   with np.load(os.path.join(kth_dir, 'svg_test_set_4.npz')) as f:
     assert f['sequences'].shape == (3, 4, 64, 64)
-  assert video_datasets_cli.make_test_set_human(
-      ['--data_dir', human_dir, '--size', '2', '--seq_len', '3', '--subsampling', '2']) == 0
+  assert cli.main(['make_test_set', 'human', '--data_dir', human_dir, '--size', '2', '--seq_len', '3',
+                   '--subsampling', '2']) == 0
   assert sorted(os.listdir(os.path.join(human_dir, 'test_set_3_2'))) == ['test_0.npz', 'test_1.npz']
-  assert video_datasets_cli.main(['convert', 'mnist', '--data_dir', 'x']) == 2
-  assert capsys.readouterr().err.startswith('usage: python -m srvp_jax.data.video_datasets_cli STEP DATASET')
-  assert video_datasets_cli.main(['make_test_set', 'human', '--data_dir', str(tmp_path)]) == 1
+  assert cli.main(['make_test_set', 'human', '--data_dir', str(tmp_path)]) == 1
   assert capsys.readouterr().err.startswith('error: Human3.6M test videos not found')
+  for argv in (['make_test_set', 'mnist', '--data_dir', 'x'], ['make_test_set', 'kth', '--data_dir', 'x',
+                                                                '--subsampling', '2']):
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main(argv)
+    assert exit_info.value.code == 2

@@ -1,39 +1,36 @@
-"""Input pipelines: training / validation streams and official test sets, per dataset.
+"""Datasets behind one interface, the video store, grain input streams and the data CLI.
 
-Every loader returns videos batch-major (B, T, 64, 64, nc): float32 in [0, 1] for training and
-validation streams, uint8 for test sets. TensorFlow is imported lazily (``tf_utils``), never at
-package import time.
+``get_dataset(cfg)`` returns the config's dataset (``base.Dataset``): ``train_batches(...)``,
+``val_batches(...)`` (float32 (B, T, 64, 64, nc) in [0, 1]) and ``test_set(seq_len)`` (uint8). Training,
+validation and evaluation go through it; nothing else dispatches on the dataset name. The steps that
+make the data (download, prepare, make_test_set, inspect, throughput) are ``python -m srvp_jax.data``.
+TensorFlow is imported only where a TensorFlow format is read (TFRecords, TFDS), never here.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Mapping
-
-import numpy as np
-
-_MODULES = {'smmnist': 'mmnist', 'mmnist': 'mmnist', 'kth': 'kth', 'human': 'human', 'bair': 'bair'}
+from typing import Any, Mapping
 
 
-def dataset_module(cfg: Mapping[str, Any]):
-  """The module implementing ``cfg.dataset``."""
-  name = cfg['dataset']
-  if name not in _MODULES:
-    raise ValueError(f'unknown dataset {name!r}; expected one of {sorted(_MODULES)}')
-  return importlib.import_module(f'srvp_jax.data.{_MODULES[name]}')
+
+class DataError(ValueError):
+  """Data that is there but unusable (corrupt, truncated, too short, wrong shape); the message names the file."""
 
 
-def _extra(cfg: Mapping[str, Any]) -> dict:
-  return {'source': cfg['digits_source']} if _MODULES[cfg['dataset']] == 'mmnist' else {}
+# Dataset name (config and CLI) -> (module, class).
+DATASETS = {'smmnist': ('mmnist', 'MovingMnist'), 'mmnist': ('mmnist', 'MovingMnist'), 'kth': ('kth', 'KTH'),
+            'human': ('human', 'Human'), 'bair': ('bair', 'BAIR')}
 
 
-def train_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0) -> Iterator[np.ndarray]:
-  """Training stream; batch k is a pure function of (seed, k, process), so resuming is exact."""
-  return dataset_module(cfg).train_batches(cfg, batch_size=batch_size, seed=seed, start_step=start_step,
-                                           process_index=process_index, **_extra(cfg))
+def dataset_class(name: str):
+  """The ``Dataset`` class of a dataset name."""
+  if name not in DATASETS:
+    raise ValueError(f'unknown dataset {name!r}; expected one of {sorted(DATASETS)}')
+  module, cls = DATASETS[name]
+  return getattr(importlib.import_module(f'srvp_jax.data.{module}'), cls)
 
 
-def val_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int, n_batches: int) -> Iterator[np.ndarray]:
-  """Validation split (official 95/5), deterministic given seed."""
-  return dataset_module(cfg).val_batches(cfg, batch_size=batch_size, seed=seed, n_batches=n_batches, **_extra(cfg))
+def get_dataset(cfg: Mapping[str, Any], data_dir: str | None = None):
+  """The dataset of ``cfg.dataset`` reading ``data_dir`` (default ``cfg.data_dir``)."""
+  return dataset_class(cfg['dataset'])(cfg, data_dir)

@@ -1,178 +1,105 @@
-"""Human3.6M: training/validation streams and the official test set, from the official preprocessed data.
+"""Human3.6M: the dataset (training / validation clips, official test set) and its preparation.
 
-On-disk format (what the official ``preprocessing/human/convert.py`` writes, reproduced by ``convert``):
-``DATA_DIR/train/S<subject>-<video name>.npz`` (subjects 1, 5, 6, 7, 8) and ``DATA_DIR/test/...npz``
-(subjects 9, 11), uncompressed ``np.savez`` files with ``image`` uint8 (frames, 64, 64, 3) at the original
-50 fps, ``filename`` and ``subject``. The official test set is the folder ``DATA_DIR/test_set_53_8/`` of
-``test_<i>.npz`` files (i = 0..999) holding the same keys plus ``frame`` (start in the source video), with
-``image`` the un-subsampled extract of (53 - 1) * 8 + 1 = 417 frames; made by ``make_test_set``.
+Inputs, any of:
+- the video store ``DIR/store/{train,test}`` (``python -m srvp_jax.data prepare human --data_dir DIR``);
+- the official layout ``DIR/train/S<subject>-<video>.npz`` (subjects 1, 5, 6, 7, 8) and ``DIR/test/...npz``
+  (9, 11): what the official ``preprocessing/human/convert.py`` writes, uncompressed ``np.savez`` files
+  with ``image`` uint8 (frames, 64, 64, 3) at the original 50 fps, ``filename`` and ``subject``. Read
+  memory-mapped (as fast as the store), or packed into the store by ``prepare``;
+- the extracted original videos ``DIR/S<n>/Videos/*.mp4``, which ``prepare`` converts as the official
+  script does (``srvp_jax.data.raw``).
 
-Videos are memory-mapped rather than loaded (the official code loads the whole dataset in RAM): a clip
-only reads the frames it keeps, and the OS page cache does the caching.
+Videos are in sorted file-name order (``S<n>-<video>``), as the official dataset lists them. Clips keep
+one frame in ``subsampling`` (8). The official test set is the folder ``DIR/test_set_53_8/`` of
+``test_<i>.npz`` files (i = 0..999) holding the source's keys plus ``frame`` (start in the source video),
+``image`` the un-subsampled extract of (53 - 1) * 8 + 1 = 417 frames; made by ``make_test_set human``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import re
 import struct
 import zipfile
-from typing import Iterator, Mapping, Sequence
+from typing import Iterator
 
 import numpy as np
-from PIL import Image
 
-from srvp_jax import config
-from srvp_jax.data import pipeline
-from srvp_jax.data.kth import CLI, MAKE_TEST_SET_CLI, NX, check_nc, fold_indices
+from srvp_jax.data import DataError, base, store
 
 TRAIN_SUBJECTS = (1, 5, 6, 7, 8)
 TEST_SUBJECTS = (9, 11)
 CROP_BOX = (100, 100, 900, 900)
 TEST_LEN = 53
 SUBSAMPLING = 8
+NX = base.NX
 
 
 def load_npz_array(path: str, key: str = 'image') -> np.ndarray:
   """Array ``key`` of an ``.npz`` file, memory-mapped when stored uncompressed (``np.savez``), else loaded."""
   member = f'{key}.npy'
-  with zipfile.ZipFile(path) as z:
-    info = z.getinfo(member)
-    stored = info.compress_type == zipfile.ZIP_STORED
-  if stored:
-    with open(path, 'rb') as f:
-      f.seek(info.header_offset)
-      local = f.read(30)
-      name_len, extra_len = struct.unpack('<HH', local[26:30])
-      f.seek(info.header_offset + 30 + name_len + extra_len)
-      version = np.lib.format.read_magic(f)
-      if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-      else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-      offset = f.tell()
-    if not dtype.hasobject:
-      return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
-  with np.load(path) as f:
-    return f[key]
-
-
-def _clip(video: np.ndarray, start: int, length: int, step: int) -> np.ndarray:
-  return np.asarray(video[start:start + (length - 1) * step + 1:step])
+  try:
+    with zipfile.ZipFile(path) as z:
+      info = z.getinfo(member)
+      stored = info.compress_type == zipfile.ZIP_STORED
+    if stored:
+      with open(path, 'rb') as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        name_len, extra_len = struct.unpack('<HH', local[26:30])
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        else:
+          shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        offset = f.tell()
+      if not dtype.hasobject:
+        return np.memmap(path, dtype=dtype, mode='r', offset=offset, shape=shape, order='F' if fortran else 'C')
+    with np.load(path) as f:
+      return f[key]
+  except FileNotFoundError:
+    raise
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, struct.error, EOFError) as e:
+    raise DataError(f'{path} is not a readable npz video with an {key!r} array ({type(e).__name__}: {e}); '
+                    'convert it again') from None
 
 
 def _check_video(path: str, video: np.ndarray) -> None:
   if video.ndim != 4 or video.shape[1:] != (NX, NX, 3) or video.dtype != np.uint8:
-    raise ValueError(f'{path}: image is {video.dtype} {video.shape}, expected uint8 (frames, 64, 64, 3)')
+    raise DataError(f'{path}: image is {video.dtype} {video.shape}, expected uint8 (frames, 64, 64, 3)')
 
 
-def _missing_train(data_dir: str) -> FileNotFoundError:
-  return FileNotFoundError(
-      f'Human3.6M videos not found: expected {os.path.join(data_dir, "train")}/S<subject>-<video>.npz (key image, '
-      f'uint8 (frames, 64, 64, 3)); create them with `{CLI} convert human --data_dir {data_dir}` from the original '
-      f'S<subject>/Videos/*.mp4 (licensed download from http://vision.imar.ro/human3.6m)')
+def _npz_files(folder: str) -> list[str]:
+  return sorted(f for f in os.listdir(folder) if f.endswith('.npz')) if os.path.isdir(folder) else []
 
 
-def _video_frames(path: str) -> Iterator[np.ndarray]:
-  """Decoded RGB frames of an original Human3.6M .mp4 (imageio's ffmpeg reader, as the official script)."""
-  if importlib.util.find_spec('imageio_ffmpeg') is None:
-    raise ImportError('reading Human3.6M .mp4 videos needs imageio-ffmpeg: pip install imageio imageio-ffmpeg')
-  import imageio  # pylint: disable=import-outside-toplevel
-  reader = imageio.get_reader(path, 'ffmpeg')
-  try:
-    yield from reader.iter_data()
-  finally:
-    reader.close()
-
-
-def convert(data_dir: str) -> None:
-  """Writes ``train/`` and ``test/`` npz videos from ``S<n>/Videos/*.mp4`` (official convert.py processing).
-
-  Each frame is cropped to (100, 100, 900, 900) then resized to 64x64 with Lanczos; file names starting
-  with '_' (the '_ALL' videos) are skipped.
-  """
-  for fold, subjects in (('train', TRAIN_SUBJECTS), ('test', TEST_SUBJECTS)):
-    save_dir = os.path.join(data_dir, fold)
-    os.makedirs(save_dir, exist_ok=True)
-    for subject in subjects:
-      subject_dir = os.path.join(data_dir, f'S{subject}', 'Videos')
-      if not os.path.isdir(subject_dir):
-        raise FileNotFoundError(f'Human3.6M videos of subject {subject} not found: expected {subject_dir}/*.mp4 '
-                                '(extract the original .tgz archives of every subject into DATA_DIR)')
-      for video_file in sorted(os.listdir(subject_dir)):
-        if video_file.startswith('_'):
-          continue
-        frames = np.stack([
-            np.array(Image.fromarray(frame).crop(CROP_BOX).resize((NX, NX), resample=Image.LANCZOS))
-            for frame in _video_frames(os.path.join(subject_dir, video_file))])
-        name = os.path.splitext(video_file)[0]
-        np.savez(os.path.join(save_dir, f'S{subject}-{name}'), image=frames, filename=name, subject=subject)
+def _name_meta(name: str) -> dict:
+  """``{'subject', 'filename'}`` of an official video name ``S<subject>-<filename>``."""
+  match = re.match(r'^S(\d+)-(.*)$', name)
+  return {'subject': int(match.group(1)), 'filename': match.group(2)} if match else {'subject': -1, 'filename': name}
 
 
 class NpzVideos:
-  """Memory-mapped ``image`` arrays of a list of npz videos (opened once; frames read on demand)."""
+  """Memory-mapped ``image`` arrays of the official npz videos (opened once; frames read on demand)."""
 
-  def __init__(self, paths: Sequence[str]):
+  def __init__(self, paths):
     self.paths = list(paths)
     self.videos = [load_npz_array(p) for p in self.paths]
     for path, video in zip(self.paths, self.videos):
       _check_video(path, video)
     self.lengths = np.array([len(v) for v in self.videos], dtype=np.int64)
+    self.names = [os.path.splitext(os.path.basename(p))[0] for p in self.paths]
+    self.meta = [_name_meta(n) for n in self.names]
 
   def __len__(self) -> int:
     return len(self.videos)
 
+  def clip(self, index: int, start: int, length: int, step: int = 1) -> np.ndarray:
+    return self.videos[index][start:start + (length - 1) * step + 1:step]
 
-_STORES: dict[str, NpzVideos] = {}
-
-
-def _training_videos(data_dir: str) -> NpzVideos:
-  """All training videos (both folds) in sorted file order, as the official dataset lists them; indexed once."""
-  key = os.path.abspath(data_dir)
-  if key not in _STORES:
-    folder = os.path.join(data_dir, 'train')
-    files = sorted(f for f in os.listdir(folder) if f.endswith('.npz')) if os.path.isdir(folder) else []
-    if not files:
-      raise _missing_train(data_dir)
-    _STORES[key] = NpzVideos([os.path.join(folder, f) for f in files])
-  return _STORES[key]
-
-
-def _sampler(cfg: Mapping, fold: str, seq_len: int):
-  """``make_batch(rng, b)``: uniform video among those long enough in ``fold``, uniform start, one frame in s."""
-  check_nc(cfg, 3, 'Human3.6M')
-  videos = _training_videos(cfg['data_dir'])
-  step = int(cfg['subsampling'])
-  span = (seq_len - 1) * step + 1
-  idx = fold_indices(len(videos), fold)
-  eligible = idx[videos.lengths[idx] >= span]
-  if len(eligible) == 0:
-    raise ValueError(f'no Human3.6M {fold} video has the {span} frames that seq_len={seq_len} with subsampling '
-                     f'{step} needs')
-
-  def make_batch(rng: np.random.Generator, batch_size: int) -> np.ndarray:
-    picks = eligible[rng.integers(len(eligible), size=batch_size)]
-    starts = rng.integers(videos.lengths[picks] - span + 1)
-    batch = np.stack([_clip(videos.videos[v], int(t), seq_len, step) for v, t in zip(picks, starts)])
-    return batch.astype(np.float32) / 255
-
-  return make_batch
-
-
-def train_batches(cfg: Mapping, *, batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0) -> Iterator[np.ndarray]:
-  """Training stream, float32 (B, seq_len, 64, 64, 3) in [0, 1]; batch k is a pure function of (seed, k, process)."""
-  make_batch = _sampler(cfg, 'train', int(cfg['seq_len']))
-  return pipeline.step_indexed_batches(make_batch, batch_size=batch_size, seed=seed, start_step=start_step,
-                                       process_index=process_index,
-                                       num_parallel=int(cfg.get('num_data_workers', 4)))
-
-
-def val_batches(cfg: Mapping, *, batch_size: int, seed: int, n_batches: int) -> Iterator[np.ndarray]:
-  """Validation batches (random video and start among the 5% fold, as the official loader), fixed by ``seed``."""
-  make_batch = _sampler(cfg, 'val', config.seq_len_test(cfg))
-  rng = np.random.default_rng(seed)
-  return (make_batch(rng, batch_size) for _ in range(n_batches))
+  def video(self, index: int) -> np.ndarray:
+    return self.videos[index]
 
 
 def official_test_dir(data_dir: str, test_len: int = TEST_LEN, subsampling: int = SUBSAMPLING) -> str:
@@ -180,59 +107,154 @@ def official_test_dir(data_dir: str, test_len: int = TEST_LEN, subsampling: int 
   return os.path.join(data_dir, f'test_set_{test_len}_{subsampling}')
 
 
-def load_test_set(data_dir: str, seq_len: int | None = None, *, test_len: int = TEST_LEN,
-                  subsampling: int = SUBSAMPLING) -> np.ndarray:
-  """The official test videos, uint8 (N, T, 64, 64, 3): one frame in ``subsampling`` of each stored extract.
+class Human(base.ClipDataset):
+  """Human3.6M: RGB 64x64 videos at 50 fps; clips keep one frame in ``subsampling``."""
 
-  Files are read in sorted name order (test_0, test_1, test_10, ...), the order of the official test loader,
-  so per-video results line up with the official ones. ``seq_len`` keeps the first frames (default all 53).
-  """
-  folder = official_test_dir(data_dir, test_len, subsampling)
-  files = sorted(f for f in os.listdir(folder) if f.endswith('.npz')) if os.path.isdir(folder) else []
-  if not files:
-    raise FileNotFoundError(f'Human3.6M test set not found: expected {folder}/test_<i>.npz; create it with '
-                            f'`{MAKE_TEST_SET_CLI} human --data_dir {data_dir}` (needs {data_dir}/test/*.npz)')
-  seq_len = test_len if seq_len is None else int(seq_len)
-  if seq_len > test_len:
-    raise ValueError(f'seq_len={seq_len} exceeds the {test_len} frames of the Human3.6M test extracts in {folder}')
-  span = (test_len - 1) * subsampling + 1
-  out = np.empty((len(files), seq_len, NX, NX, 3), dtype=np.uint8)
-  for i, name in enumerate(files):
-    path = os.path.join(folder, name)
-    video = load_npz_array(path)
-    _check_video(path, video)
-    if len(video) < span:
-      raise ValueError(f'{path} holds {len(video)} frames, fewer than the {span} of a {test_len}-frame extract '
-                       f'with subsampling {subsampling}')
-    out[i] = _clip(video, 0, seq_len, subsampling)
-  return out
+  name = 'human'
+  title = 'Human3.6M'
+  nc = 3
+  paper = dict(batch_size=100, seq_len=16, steps_per_s=10.0)
+  official_layout = 'train/S<subject>-<video>.npz, test/S<subject>-<video>.npz'
 
+  @property
+  def step(self):
+    return int(self.cfg['subsampling']) if self.cfg is not None else SUBSAMPLING
 
-def make_test_set(data_dir: str, *, size: int = 1000, seq_len: int = TEST_LEN, subsampling: int = SUBSAMPLING,
-                  seed: int = 42) -> str:
-  """Writes the official ``test_set_<seq_len>_<subsampling>/test_<i>.npz`` (official make_test_set.py draws).
+  def official_videos(self, split):
+    folder = os.path.join(self.data_dir, split)
+    files = _npz_files(folder)
+    return NpzVideos([os.path.join(folder, f) for f in files]) if files else None
 
-  With NumPy's legacy generator seeded ``seed``, each extract draws a video index randint(n_videos) among
-  the sorted ``test/`` files, then a start randint(n_frames - ((seq_len - 1) * subsampling + 1) + 1). Each
-  file keeps the source video's keys, ``image`` cut to the un-subsampled extract, plus ``frame`` (the start).
-  """
-  source = os.path.join(data_dir, 'test')
-  files = sorted(f for f in os.listdir(source) if f.endswith('.npz')) if os.path.isdir(source) else []
-  if not files:
-    raise FileNotFoundError(f'Human3.6M test videos not found: expected {source}/S<subject>-<video>.npz; create '
-                            f'them with `{CLI} convert human --data_dir {data_dir}`')
-  save_dir = official_test_dir(data_dir, seq_len, subsampling)
-  os.makedirs(save_dir, exist_ok=True)
-  span = (seq_len - 1) * subsampling + 1
-  rng = np.random.RandomState(seed)
-  for i in range(size):
-    path = os.path.join(source, files[rng.randint(len(files))])
-    video = load_npz_array(path)
-    if len(video) < span:
-      raise ValueError(f'{path} has {len(video)} frames, fewer than the {span} of a test extract')
-    t0 = rng.randint(len(video) - span + 1)
-    with np.load(path) as f:
-      data = {k: (np.array(video[t0:t0 + span]) if k == 'image' else f[k]) for k in f.files}
-    data['frame'] = t0
-    np.savez(os.path.join(save_dir, f'test_{i}'), **data)
-  return save_dir
+  def missing(self, split):
+    return (f'Human3.6M {split} videos not found in {self.data_dir}: neither the video store '
+            f'({store.STORE_DIR}/{split}) '
+            f'nor the official {split}/S<subject>-<video>.npz files; extract the original S<n>/Videos archives '
+            f'(licensed download from http://vision.imar.ro/human3.6m) into {self.data_dir} and run '
+            f'`{base.command("prepare", "human", self.data_dir)}`')
+
+  def describe_source(self):
+    if not self.has_store('train') and self.official_videos('train') is not None:
+      return f'official npz files in {self.data_dir}/train (memory-mapped)'
+    return super().describe_source()
+
+  # Test set. -------------------------------------------------------------------------------------------------
+
+  def test_set(self, seq_len=None, test_len: int | None = None):
+    """The official test videos, uint8 (N, seq_len, 64, 64, 3): one frame in ``subsampling`` of each extract.
+
+    The extracts of ``test_set_<test_len>_<subsampling>`` (``test_len`` defaults to ``seq_len``, else 53) are
+    read in sorted name order (test_0, test_1, test_10, ...), the official test loader's order, so per-video
+    results line up with the official ones.
+    """
+    test_len = int(test_len or seq_len or TEST_LEN)
+    seq_len = test_len if seq_len is None else int(seq_len)
+    sub = self.step
+    folder = official_test_dir(self.data_dir, test_len, sub)
+    files = _npz_files(folder)
+    if not files:
+      raise FileNotFoundError(
+          f'Human3.6M test set for {test_len} frames (subsampling {sub}) not found: expected {folder}/test_<i>.npz; '
+          'create it with '
+          f'`{base.command("make_test_set", "human", self.data_dir, f" --seq_len {test_len} --subsampling {sub}")}`')
+    if seq_len > test_len:
+      raise DataError(f'seq_len={seq_len} exceeds the {test_len} frames of the Human3.6M test extracts in {folder}')
+    span = (test_len - 1) * sub + 1
+    out = np.empty((len(files), seq_len, NX, NX, 3), dtype=np.uint8)
+    for i, name in enumerate(files):
+      path = os.path.join(folder, name)
+      video = load_npz_array(path)
+      _check_video(path, video)
+      if len(video) < span:
+        raise DataError(f'{path} holds {len(video)} frames, fewer than the {span} of a {test_len}-frame extract '
+                        f'with subsampling {sub}')
+      out[i] = video[:(seq_len - 1) * sub + 1:sub]
+    return out
+
+  def make_test_set(self, size: int = 1000, seq_len: int = TEST_LEN, subsampling: int | None = None,
+                    seed: int = 42) -> str:
+    """Writes ``test_set_<seq_len>_<subsampling>/test_<i>.npz`` with the official draws (official make_test_set.py).
+
+    With NumPy's legacy generator seeded ``seed``, each extract draws a video index randint(n_videos) among
+    the sorted test videos, then a start randint(n_frames - ((seq_len - 1) * subsampling + 1) + 1). Each file
+    keeps the source video's keys, ``image`` cut to the un-subsampled extract, plus ``frame`` (the start).
+    Reads the official ``test/*.npz`` files when present, else the store's test split.
+    """
+    subsampling = self.step if subsampling is None else int(subsampling)
+    folder = os.path.join(self.data_dir, 'test')
+    files = _npz_files(folder)
+    if files:
+      def source(i):
+        path = os.path.join(folder, files[i])
+        with np.load(path) as f:
+          keys = {k: f[k] for k in f.files if k != 'image'}
+        return path, load_npz_array(path), keys
+      n_videos = len(files)
+    elif self.has_store('test'):
+      videos = store.StoreVideos(self.data_dir, 'test')
+
+      def source(i):
+        meta = videos.meta[i]
+        return videos.names[i], videos.video(i), {'filename': meta['filename'], 'subject': meta['subject']}
+      n_videos = len(videos)
+    else:
+      raise FileNotFoundError(self.missing('test'))
+    save_dir = official_test_dir(self.data_dir, seq_len, subsampling)
+    os.makedirs(save_dir, exist_ok=True)
+    span = (seq_len - 1) * subsampling + 1
+    rng = np.random.RandomState(seed)
+    for i in range(size):
+      name, video, keys = source(rng.randint(n_videos))
+      if len(video) < span:
+        raise DataError(f'Human3.6M test video {name} has {len(video)} frames, fewer than the {span} of a test '
+                        'extract')
+      t0 = rng.randint(len(video) - span + 1)
+      np.savez(os.path.join(save_dir, f'test_{i}'), image=np.array(video[t0:t0 + span]), **keys, frame=t0)
+    return save_dir
+
+  def inspect(self):
+    lines = super().inspect()
+    folders = sorted(f for f in os.listdir(self.data_dir) if re.match(r'^test_set_\d+_\d+$', f))
+    for f in folders:
+      lines.append(f'test set {f}/: {len(_npz_files(os.path.join(self.data_dir, f)))} extracts')
+    if f'test_set_{TEST_LEN}_{SUBSAMPLING}' not in folders:
+      lines.append(f'test set test_set_{TEST_LEN}_{SUBSAMPLING}/: missing; make it with '
+                   f'`{base.command("make_test_set", "human", self.data_dir)}`')
+    try:
+      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+      lines.append(f'original videos: {len(raw.human_mp4_index(self.data_dir))} MP4 files (S<n>/Videos/)')
+    except (FileNotFoundError, ValueError):
+      lines.append('original videos: not found (S<n>/Videos/*.mp4 of every subject)')
+    return lines
+
+  # Preparation. ----------------------------------------------------------------------------------------------
+
+  def download(self) -> None:
+    raise RuntimeError('Human3.6M is a licensed download: get the Videos .tgz archive of every subject from '
+                       f'http://vision.imar.ro/human3.6m, extract them into {self.data_dir}, then run '
+                       f'`{base.command("prepare", "human", self.data_dir)}`')
+
+  def sources(self) -> dict:
+    return {'npz': 'official npz files (train/, test/)', 'raw': 'original MP4 videos (S<n>/Videos/)'}
+
+  def auto_source(self, **options):
+    return 'npz' if all(self.official_videos(s) is not None for s in self.splits) else 'raw'
+
+  def items(self, source, **options):
+    return self._npz_items() if source == 'npz' else self._raw_items()
+
+  def _npz_items(self) -> Iterator[tuple]:
+    for split in self.splits:
+      videos = self.official_videos(split)
+      if videos is None:
+        raise FileNotFoundError(f'Human3.6M official {split} files not found: expected '
+                                f'{self.data_dir}/{split}/S<subject>-<video>.npz')
+      for i in range(len(videos)):
+        yield split, videos.names[i], videos.meta[i], np.asarray(videos.video(i))
+
+  def _raw_items(self) -> Iterator[tuple]:
+    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
+    for meta, video in raw.human_mp4_videos(self.data_dir, workers=2):
+      subject = int(meta['subject'])
+      split = 'train' if subject in TRAIN_SUBJECTS else 'test'
+      filename = meta['name'].split('-', 1)[1]
+      yield split, meta['name'], {'subject': subject, 'filename': filename}, video

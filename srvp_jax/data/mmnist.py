@@ -1,4 +1,4 @@
-"""Moving MNIST (stochastic and deterministic): trajectories, video rendering, training streams, test sets.
+"""Moving MNIST (stochastic and deterministic): trajectories, rendering, the dataset, the official test sets.
 
 Two implementations of the trajectory process of SPEC section 7 (bounces on the frame edges, with new
 random speeds at each bounce in the stochastic version):
@@ -16,20 +16,20 @@ Layouts: a trajectory tuple is (round(row), round(col), row speed, col speed) as
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Mapping, NamedTuple
+import zipfile
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
-from srvp_jax.config import seq_len_test
-from srvp_jax.data import mnist
-from srvp_jax.data.pipeline import official_val_split, step_indexed_batches, step_rng
+from srvp_jax.data import DataError, base, mnist
+from srvp_jax.data.pipeline import official_val_split, to_float
 
 FRAME_SIZE = 64
 EPS = 1e-8  # Tolerance of the official bounce computation.
 
 
 class MovingMnistSample(NamedTuple):
-  """Videos (B, T, H, W) float32 in [0, 255] with their trajectories (B, ndigits, T, 4) and digit indices."""
+  """Videos (B, T, H, W) uint8 with their trajectories (B, ndigits, T, 4) and digit indices."""
   videos: np.ndarray
   latents: np.ndarray
   digit_index: np.ndarray
@@ -203,18 +203,22 @@ def _vector_bounce(rng, row, col, drow, dcol, lim, deterministic, max_speed):
 
 
 def render(images: np.ndarray, latents: np.ndarray, frame_size: int = FRAME_SIZE) -> np.ndarray:
-  """Videos (B, T, H, W) float32: digits (B, ndigits, h, w) summed at the positions of latents
-  (B, ndigits, T, 4), clipped at 255 (the official float sum of uint8 digits)."""
+  """Videos (B, T, H, W) uint8: digits (B, ndigits, h, w) summed at the positions of latents (B, ndigits, T, 4),
+  clipped at 255 (the official float sum of uint8 digits, which is integer-valued)."""
   n, ndigits, h, w = images.shape
   seq_len = latents.shape[2]
-  canvas = np.zeros((n, seq_len, frame_size, frame_size), dtype=np.float32)
+  canvas = np.zeros((n, seq_len, frame_size, frame_size), dtype=np.uint8)
   # Writable view of every (h, w) window: one fancy-indexed block write per (video, frame, digit).
   windows = np.lib.stride_tricks.sliding_window_view(canvas, (h, w), axis=(2, 3), writeable=True)
   vid, frame = np.meshgrid(np.arange(n), np.arange(seq_len), indexing='ij')
   for d in range(ndigits):
-    rows, cols = latents[:, d, :, 0], latents[:, d, :, 1]
-    windows[vid, frame, rows, cols] += images[:, d, None].astype(np.float32)
-  np.minimum(canvas, 255.0, out=canvas)
+    at = (vid, frame, latents[:, d, :, 0], latents[:, d, :, 1])
+    digit = np.asarray(images[:, d, None], dtype=np.uint8)
+    if d == 0:
+      windows[at] = digit  # The canvas is empty: writing equals adding, without reading it back.
+    else:
+      # Sums only exceed 255 where this digit lands; clipping as we go equals clipping the total (values >= 0).
+      windows[at] = np.minimum(windows[at] + digit.astype(np.uint16), 255)
   return canvas
 
 
@@ -235,61 +239,16 @@ def generate_batch(rng: np.random.Generator, batch_size: int, *, digits: np.ndar
   """A training batch (B, T, 64, 64, 1) float32 in [0, 1] (the official uint8 / 255)."""
   videos = sample_videos(rng, digits, batch_size, seq_len, deterministic=deterministic, ndigits=ndigits,
                          max_speed=max_speed).videos
-  videos /= np.float32(255)
-  return videos[..., None]
+  return to_float(videos[..., None])
 
 
 # ----------------------------------------------------------------------------------------------------
-# Streams from a config.
+# The dataset.
 
 
 def is_deterministic(cfg: Mapping[str, Any]) -> bool:
   """Deterministic bounces for dataset 'mmnist' or the official 'smmnist' + deterministic flag."""
   return cfg['dataset'] == 'mmnist' or bool(cfg['deterministic'])
-
-
-def _split_digits(cfg: Mapping[str, Any], train: bool, source: str) -> np.ndarray:
-  """Training or validation digits: the official 95/5 split of the MNIST training digits.
-
-  Kept in original order, as the official filtered list is.
-  """
-  if cfg['dataset'] not in ('smmnist', 'mmnist'):
-    raise ValueError(f"dataset={cfg['dataset']!r} is not Moving MNIST; use that dataset's own pipeline")
-  if cfg['nc'] != 1:
-    raise ValueError(f"Moving MNIST videos are grey: set nc=1 (got nc={cfg['nc']})")
-  images = mnist.load_digits(cfg['data_dir'], 'train', source).images
-  return images[np.sort(official_val_split(len(images), train))]
-
-
-def train_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int, start_step: int = 0,
-                  process_index: int = 0, source: str = 'auto') -> Iterator[np.ndarray]:
-  """Endless training batches (B, seq_len, 64, 64, 1) float32; batch k is a pure function of
-  (seed, k, process_index), so resuming at ``start_step`` continues the same stream."""
-  digits = _split_digits(cfg, True, source)
-  seq_len, deterministic = int(cfg['seq_len']), is_deterministic(cfg)
-  ndigits, max_speed = int(cfg['ndigits']), int(cfg['max_speed'])
-
-  def make_batch(rng, n):
-    return generate_batch(rng, n, digits=digits, seq_len=seq_len, deterministic=deterministic, ndigits=ndigits,
-                          max_speed=max_speed)
-
-  return step_indexed_batches(make_batch, batch_size=batch_size, seed=seed, start_step=start_step,
-                              process_index=process_index, num_parallel=int(cfg.get('num_data_workers', 4)))
-
-
-def val_batches(cfg: Mapping[str, Any], *, batch_size: int, seed: int, n_batches: int,
-                source: str = 'auto') -> Iterator[np.ndarray]:
-  """``n_batches`` validation batches (B, seq_len_test, 64, 64, 1) float32 from the validation digits;
-  the same ones for the same seed (so validations during a run are comparable)."""
-  digits = _split_digits(cfg, False, source)
-  for k in range(n_batches):
-    yield generate_batch(step_rng(seed, k), batch_size, digits=digits, seq_len=seq_len_test(cfg),
-                         deterministic=is_deterministic(cfg), ndigits=int(cfg['ndigits']),
-                         max_speed=int(cfg['max_speed']))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Official test sets.
 
 
 def test_set_filename(deterministic: bool, ndigits: int = 2, standin: bool = False) -> str:
@@ -298,24 +257,189 @@ def test_set_filename(deterministic: bool, ndigits: int = 2, standin: bool = Fal
   return f'{mnist.STANDIN_NAME}_{name}' if standin else name
 
 
+class MovingMnist(base.Dataset):
+  """Stochastic ('smmnist') or deterministic ('mmnist') Moving MNIST, generated on the fly from MNIST digits.
+
+  Training batch k is ``generate_batch(step_rng(seed, k, process), ...)`` on the training digits (official
+  95/5 split of the MNIST training digits, in IDX order); validation batch k uses ``step_rng(seed, k)`` on
+  the validation digits.
+  """
+
+  name = 'mmnist'
+  title = 'Moving MNIST'
+  nc = 1
+  paper = dict(batch_size=128, seq_len=15, steps_per_s=100.0)
+
+  def __init__(self, cfg, data_dir=None):
+    super().__init__(cfg, data_dir)
+    self._digits: dict[str, np.ndarray] = {}
+
+  @property
+  def source(self) -> str:
+    return str((self.cfg or {}).get('digits_source', 'auto'))
+
+  def digits(self, fold: str) -> np.ndarray:
+    """Training or validation digits: the official 95/5 split of the MNIST training digits, in original order."""
+    with self._lock:
+      if fold not in self._digits:
+        images = mnist.load_digits(self.data_dir, 'train', self.source).images
+        self._digits[fold] = images[np.sort(official_val_split(len(images), fold == 'train'))]
+      return self._digits[fold]
+
+  def check_train(self):
+    if int(self.cfg['nc']) != 1:
+      raise DataError(f"Moving MNIST videos are grey: set nc=1 (got nc={self.cfg['nc']})")
+    self.digits('train')
+
+  def batch(self, rng, batch_size, split):
+    return generate_batch(rng, batch_size, digits=self.digits(split), seq_len=self.seq_len(split),
+                          deterministic=is_deterministic(self.cfg), ndigits=int(self.cfg['ndigits']),
+                          max_speed=int(self.cfg['max_speed']))
+
+  def describe_source(self):
+    return f'generated on the fly from the {self.source} MNIST digits of {self.data_dir}'
+
+  # Test sets. ------------------------------------------------------------------------------------------------
+
+  def test_set(self, seq_len=None):
+    return load_test_set(self.data_dir, is_deterministic(self.cfg), seq_len, ndigits=int(self.cfg['ndigits']),
+                         standin=self.source == 'standin')
+
+  def make_test_set(self, deterministic: bool = False, seq_len: int | None = None, ndigits: int = 2,
+                    max_speed: int = 4, seed: int = 42, size: int | None = None) -> str:
+    """Writes the official test file (digits from ``data_dir`` or the configured source); returns its path."""
+    return write_test_set(self.data_dir, deterministic=deterministic, seq_len=seq_len, source=self.source,
+                          ndigits=ndigits, max_speed=max_speed, seed=seed, n_videos=size)
+
+  # Data CLI. -------------------------------------------------------------------------------------------------
+
+  def download(self) -> None:
+    """Downloads the MNIST IDX files into ``DIR/MNIST/raw`` (torchvision's mirrors, as the official code)."""
+    for stems in mnist.IDX_FILES.values():
+      for stem in stems:
+        dest = os.path.join(self.data_dir, 'MNIST', 'raw', f'{stem}.gz')
+        errors = []
+        for mirror in MNIST_MIRRORS:
+          try:
+            base.download_file(mirror + f'{stem}.gz', dest)
+            break
+          except RuntimeError as e:
+            errors.append(str(e))
+        else:
+          raise RuntimeError(errors[-1])
+        mnist.read_idx(dest)  # A corrupt download is named now, not at training time.
+
+  def prepare(self, source='auto', force=False, progress=True):
+    del source, force, progress
+    found = [split for split in mnist.SPLITS if mnist.find_idx_files(self.data_dir, split) is not None]
+    missing = [s for s in mnist.SPLITS if s not in found]
+    if missing:
+      raise FileNotFoundError(f'MNIST IDX files of {" and ".join(missing)} not found in {self.data_dir}; get them with '
+                              f'`{base.command("download", "mmnist", self.data_dir)}`')
+    for split in found:
+      mnist.load_idx(self.data_dir, split)  # Names a corrupt file.
+    return [f'Moving MNIST needs no store: videos are generated from the MNIST digits in {self.data_dir}; next: '
+            f'`{base.command("make_test_set", "mmnist", self.data_dir)}`']
+
+  def inspect(self):
+    lines = []
+    for split in mnist.SPLITS:
+      paths = mnist.find_idx_files(self.data_dir, split)
+      if paths is None:
+        lines.append(f'MNIST {split} digits: missing; get them with '
+                     f'`{base.command("download", "mmnist", self.data_dir)}`')
+        continue
+      try:
+        n = len(mnist.load_idx(self.data_dir, split).images)
+        lines.append(f'MNIST {split} digits: {n} (IDX files {paths[0]}, {paths[1]})')
+      except (mnist.IdxFormatError, OSError) as e:
+        lines.append(f'MNIST {split} digits: BROKEN: {e}')
+    for deterministic in (False, True):
+      for standin in (False, True):
+        path = os.path.join(self.data_dir, test_set_filename(deterministic, standin=standin))
+        flags = (' --deterministic' if deterministic else '') + (' --source standin' if standin else '')
+        if os.path.isfile(path):
+          with np.load(path) as f:
+            shape = f['sequences'].shape
+          lines.append(f'test set {os.path.basename(path)}: {shape[1]} videos of {shape[0]} frames')
+        elif not standin:
+          lines.append(f'test set {os.path.basename(path)}: missing; make it with '
+                       f'`{base.command("make_test_set", "mmnist", self.data_dir, flags)}`')
+    return lines
+
+
+MNIST_MIRRORS = ('https://ossci-datasets.s3.amazonaws.com/mnist/', 'http://yann.lecun.com/exdb/mnist/')
+DEFAULT_TEST_LEN = {False: 25, True: 100}  # Keyed by ``deterministic`` (the paper's test sets).
+RENDER_CHUNK = 256  # Videos rendered at once.
+
+
 def load_test_set(data_dir: str, deterministic: bool, seq_len: int | None = None, *, ndigits: int = 2,
                   standin: bool = False) -> np.ndarray:
   """Test videos (N, T, 64, 64, 1) uint8 from the official file; ``seq_len`` keeps the first frames."""
   path = os.path.join(data_dir, test_set_filename(deterministic, ndigits, standin))
+  flags = (' --deterministic' if deterministic else '') + (' --source standin' if standin else '')
+  make = base.command('make_test_set', 'mmnist', data_dir, flags)
   if not os.path.isfile(path):
-    flags = (' --deterministic' if deterministic else '') + (' --source standin' if standin else '')
-    raise FileNotFoundError(f'Moving MNIST test set {path} not found; create it with '
-                            f'`python -m srvp_jax.data.make_test_set mmnist --data_dir {data_dir}{flags}`')
-  with np.load(path) as data:
-    if 'sequences' not in data:
-      raise ValueError(f'{path} has no `sequences` array; '
-                       'regenerate it with python -m srvp_jax.data.make_test_set mmnist')
-    sequences = data['sequences']
+    raise FileNotFoundError(f'Moving MNIST test set {path} not found; create it with `{make}`')
+  try:
+    with np.load(path) as data:
+      sequences = data['sequences']
+  except KeyError:
+    raise DataError(f'{path} has no `sequences` array; create it again with `{make}`') from None
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise DataError(f'Moving MNIST test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
+                    f'`{make}`') from None
   if sequences.ndim != 4 or sequences.shape[2:] != (FRAME_SIZE, FRAME_SIZE) or sequences.dtype != np.uint8:
-    raise ValueError(f'{path}: sequences are {sequences.dtype} {sequences.shape}, expected uint8 (T, N, 64, 64)')
+    raise DataError(f'{path}: sequences are {sequences.dtype} {sequences.shape}, expected uint8 (T, N, 64, 64)')
   if seq_len is not None:
     if seq_len > sequences.shape[0]:
-      raise ValueError(f'{path} has {sequences.shape[0]} frames per video, fewer than seq_len={seq_len}; '
-                       f'regenerate it with make_test_set mmnist --seq_len {seq_len}')
+      raise DataError(f'{path} has {sequences.shape[0]} frames per video, fewer than seq_len={seq_len}; '
+                      f'create it again with `{make} --seq_len {seq_len}`')
     sequences = sequences[:seq_len]
   return np.ascontiguousarray(sequences.transpose(1, 0, 2, 3))[..., None]
+
+
+def official_test_set(images: np.ndarray, labels: np.ndarray, *, deterministic: bool, seq_len: int,
+                      ndigits: int = 2, max_speed: int = 4, seed: int = 42,
+                      n_videos: int | None = None) -> dict[str, np.ndarray]:
+  """The official test-set arrays from test digits in IDX order (``n_videos`` defaults to N // ndigits).
+
+  The official procedure byte for byte: NumPy's legacy generator seeded 42, one permutation of the test
+  digits, then for each video and each of its digits (digit ``perm[i * ndigits + n]``) one trajectory
+  (SPEC section 7). Returns ``sequences`` (T, N, 64, 64) uint8, ``latents`` (T, N, ndigits, 4) int64,
+  ``labels`` (N, ndigits) uint8 and ``digits`` (N, ndigits, 28, 28) uint8.
+  """
+  rng = np.random.RandomState(seed)  # The same stream as the official np.random.seed(seed).
+  perm = rng.permutation(len(images))
+  n_videos = len(images) // ndigits if n_videos is None else n_videos
+  if n_videos * ndigits > len(images):
+    raise ValueError(f'{n_videos} videos of {ndigits} digits need {n_videos * ndigits} digits; '
+                     f'only {len(images)} given')
+  chosen = perm[:n_videos * ndigits].reshape(n_videos, ndigits)
+  latents = np.empty((n_videos, ndigits, seq_len, 4), dtype=np.int64)
+  for i in range(n_videos):
+    for n in range(ndigits):
+      latents[i, n] = scalar_trajectory(rng, seq_len, deterministic=deterministic, max_speed=max_speed,
+                                        digit_size=images.shape[1])
+  digits = np.asarray(images, dtype=np.uint8)[chosen]
+  sequences = np.empty((seq_len, n_videos, FRAME_SIZE, FRAME_SIZE), dtype=np.uint8)
+  for start in range(0, n_videos, RENDER_CHUNK):  # Chunks bound the float32 canvas memory.
+    stop = min(start + RENDER_CHUNK, n_videos)
+    sequences[:, start:stop] = render(digits[start:stop], latents[start:stop]).transpose(1, 0, 2, 3)
+  return dict(sequences=sequences,
+              latents=np.ascontiguousarray(latents.transpose(2, 0, 1, 3)),
+              labels=np.asarray(labels, dtype=np.uint8)[chosen], digits=digits)
+
+
+def write_test_set(data_dir: str, *, deterministic: bool, seq_len: int | None = None, source: str = 'auto',
+                   ndigits: int = 2, max_speed: int = 4, seed: int = 42, n_videos: int | None = None) -> str:
+  """Writes the official Moving MNIST test file into ``data_dir`` (digits from ``data_dir``); returns its path."""
+  seq_len = DEFAULT_TEST_LEN[deterministic] if seq_len is None else seq_len
+  test = mnist.load_digits(data_dir, 'test', source)
+  arrays = official_test_set(test.images, test.labels, deterministic=deterministic, seq_len=seq_len, ndigits=ndigits,
+                             max_speed=max_speed, seed=seed, n_videos=n_videos)
+  os.makedirs(data_dir, exist_ok=True)
+  standin = test.source == mnist.STANDIN_NAME
+  path = os.path.join(data_dir, test_set_filename(deterministic, ndigits, standin))
+  np.savez_compressed(path, **arrays)
+  return path

@@ -23,9 +23,12 @@ import hashlib
 import logging
 import os
 import socket
+import zlib
 from typing import NamedTuple
 
 import numpy as np
+
+from srvp_jax.data import DataError
 
 SPLITS = ('train', 'test')
 SOURCES = ('auto', 'idx', 'tfds', 'standin')
@@ -50,7 +53,7 @@ class MnistNotFoundError(FileNotFoundError):
   """No MNIST digits could be obtained from the requested source."""
 
 
-class IdxFormatError(ValueError):
+class IdxFormatError(DataError):
   """A file is not a valid IDX file of the expected kind."""
 
 
@@ -67,8 +70,9 @@ def read_idx(path: str) -> np.ndarray:
   try:
     with opener(path, 'rb') as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
-    raise IdxFormatError(f'cannot read {path} ({e}); re-download the MNIST IDX file') from None
+  except (OSError, EOFError, zlib.error) as e:
+    raise IdxFormatError(f'cannot read {path} ({type(e).__name__}: {e}); delete it and download it again '
+                         f'(python -m srvp_jax.data download mmnist --data_dir DIR)') from None
   if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
     raise IdxFormatError(f'{path} is not an IDX file (bad magic number {raw[:4].hex()}); '
                          'use the original MNIST files')
@@ -104,8 +108,8 @@ def load_idx(data_dir: str, split: str) -> Digits:
   paths = find_idx_files(data_dir, split)
   if paths is None:
     stems = ', '.join(f'{s}[.gz]' for s in IDX_FILES[split])
-    raise MnistNotFoundError(f'MNIST IDX files ({stems}) not found in {data_dir!r}; '
-                             'put them there (from http://yann.lecun.com/exdb/mnist/ or a mirror)')
+    raise MnistNotFoundError(f'MNIST IDX files ({stems}) not found in {data_dir!r}; get them with '
+                             f'`python -m srvp_jax.data download mmnist --data_dir {data_dir}`')
   images, labels = read_idx(paths[0]), read_idx(paths[1])
   if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (DIGIT_SIZE, DIGIT_SIZE):
     raise IdxFormatError(f'{paths[0]} holds {images.dtype} images of shape {images.shape}, '

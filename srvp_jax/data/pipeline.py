@@ -1,10 +1,10 @@
-"""Step-indexed input pipelines: every batch is a pure function of (seed, step, process).
+"""Step-indexed input streams on grain: every batch is a pure function of (seed, step, process).
 
-Why: resuming a killed run must continue the *same* data stream. Instead of checkpointing
-iterator state, each dataset defines ``make_batch(rng, batch_size) -> np.ndarray`` and the
-batch for global step ``k`` on process ``p`` is drawn from ``np.random.default_rng([seed, k, p])``.
-Resuming at step ``k`` is then exact by construction. tf.data runs the NumPy batch builder on
-several threads and prefetches, so generation overlaps with the device step.
+Why: resuming a killed run must continue the *same* data stream. Instead of checkpointing iterator
+state, the batch of global step ``k`` on process ``p`` is computed from ``k`` alone (random draws from
+``step_rng(seed, k, p)``), so resuming at step ``k`` is exact by construction, whatever the number of
+worker threads. grain maps the step index to its batch on a pool of threads, in order, and keeps a few
+batches ready ahead of the train step (NumPy slicing, copies and casts release the GIL).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-BatchFn = Callable[[np.random.Generator, int], np.ndarray]
+_ENDLESS = 1 << 62  # Last step index of an endless stream.
 
 
 def step_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generator:
@@ -21,39 +21,30 @@ def step_rng(seed: int, step: int, process_index: int = 0) -> np.random.Generato
   return np.random.default_rng([int(seed), int(step), int(process_index)])
 
 
-def step_indexed_batches(make_batch: BatchFn, *, batch_size: int, seed: int, start_step: int = 0,
-                         process_index: int = 0, num_parallel: int = 4,
-                         prefetch: int = 4) -> Iterator[np.ndarray]:
-  """Yields ``make_batch(step_rng(seed, k, process_index), batch_size)`` for k = start_step, ...
+def step_indexed(batch_of_step: Callable[[int], np.ndarray], *, start_step: int = 0, num_threads: int = 4,
+                 prefetch: int = 4, num_processes: int = 0) -> Iterator[np.ndarray]:
+  """Yields ``batch_of_step(k)`` for k = start_step, start_step + 1, ..., built ahead on grain threads.
 
-  Batches are produced in parallel by tf.data (deterministic order) and returned as NumPy arrays.
+  With ``num_processes`` > 0, grain worker processes (each with ``num_threads`` threads) build the batches
+  (``batch_of_step`` must then be picklable); the order, hence every batch, is the same.
   """
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
-  probe = make_batch(step_rng(seed, start_step, process_index), batch_size)
-  shape, dtype = probe.shape, probe.dtype
-
-  def _numpy_batch(step):
-    return make_batch(step_rng(seed, int(step), process_index), batch_size).astype(dtype, copy=False)
-
-  def _tf_batch(step):
-    batch = tf.numpy_function(_numpy_batch, [step], tf.as_dtype(dtype), stateful=False)
-    batch.set_shape(shape)
-    return batch
-
-  ds = tf.data.Dataset.range(start_step + 1, np.iinfo(np.int64).max)
-  ds = ds.map(_tf_batch, num_parallel_calls=num_parallel, deterministic=True)
-  ds = ds.prefetch(prefetch)
-  yield probe
-  yield from ds.as_numpy_iterator()
+  import grain  # pylint: disable=import-outside-toplevel
+  ds = grain.MapDataset.range(int(start_step), _ENDLESS).map(batch_of_step)
+  options = grain.ReadOptions(num_threads=max(1, int(num_threads)), prefetch_buffer_size=max(1, int(prefetch)))
+  ds = ds.to_iter_dataset(options)
+  if num_processes > 0:
+    from absl import flags  # pylint: disable=import-outside-toplevel
+    if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers; launch.py has parsed them.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes), per_worker_buffer_size=2))
+  return iter(ds)
 
 
-def fixed_batches(videos: np.ndarray, batch_size: int, *, drop_remainder: bool = False) -> Iterator[np.ndarray]:
-  """Splits an array of videos (N, T, H, W, C) into consecutive batches (test sets)."""
-  n = len(videos)
-  stop = n - n % batch_size if drop_remainder else n
-  for start in range(0, stop, batch_size):
-    yield videos[start:start + batch_size]
+def to_float(videos: np.ndarray) -> np.ndarray:
+  """uint8 videos as float32 in [0, 1] (exactly ``x.astype(float32) / 255``); float32 input is returned as is."""
+  if videos.dtype == np.float32:
+    return videos
+  return np.divide(videos, np.float32(255), dtype=np.float32)
 
 
 def official_val_split(n: int, train: bool) -> np.ndarray:
@@ -62,3 +53,8 @@ def official_val_split(n: int, train: bool) -> np.ndarray:
   np.random.RandomState(42).shuffle(idx)
   cut = int(0.95 * n)
   return idx[:cut] if train else idx[cut:]
+
+
+def fold_indices(n: int, fold: str) -> np.ndarray:
+  """Video indices of the official 'train' or 'val' fold, in dataset order as the official ``get_fold`` keeps them."""
+  return np.sort(official_val_split(n, train=fold == 'train'))
