@@ -24,7 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
-from srvp_jax.data.kth import natural_key
+from srvp_jax.data.base import natural_key
 
 NX = 64
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v')
