@@ -5,14 +5,11 @@
 DIR holds the converted videos (``python -m srvp_jax.data.video_datasets_cli convert bair``).
 Evaluation: 30 frames, 2 conditioning, 100 samples.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _base import make  # pylint: disable=wrong-import-position
+from srvp_jax import config as config_lib
 
 
 def get_config():
-  return make(dataset='bair', nc=3, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=2, nt_cond=2,
-              obs_scale=0.71, beta_z=1.0, res_gain=1.41, batch_size=192, seq_len=12,
-              lr_scheduling_burnin=1_000_000, lr_scheduling_n_iter=500_000, val_interval=20_000)
+  return config_lib.preset(
+      dataset='bair', nc=3, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=2, nt_cond=2,
+      obs_scale=0.71, beta_z=1.0, res_gain=1.41, batch_size=192, seq_len=12, lr_scheduling_burnin=1_000_000,
+      lr_scheduling_n_iter=500_000, val_interval=20_000)

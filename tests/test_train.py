@@ -221,6 +221,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 def test_periodic_checkpoints_are_kept(tmp_path):
   """keep_checkpoints newest ones, plus every multiple of keep_period."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  os.makedirs(tmp_path / checkpoints.LATEST_DIR)
   mngr = checkpoints.manager(str(tmp_path), checkpoints.LATEST_DIR, 2, keep_period=4)
   for step in range(1, 11):
     checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step})
