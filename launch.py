@@ -19,6 +19,7 @@ if not _VERBOSE:
 
 # pylint: disable=wrong-import-position
 import difflib
+import logging as pylogging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -99,11 +100,20 @@ def initialize_distributed(cfg) -> None:
     _fail(f'jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}', 1)
 
 
+def quiet_libraries() -> None:
+  """Our warnings stay; libraries' INFO and WARNING records (orbax, absl, jax) go, unless --verbosity."""
+  def keep(record) -> bool:
+    ours = os.sep + 'srvp_jax' + os.sep in record.pathname or record.pathname.endswith('launch.py')
+    return ours or record.levelno >= pylogging.ERROR
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(keep)
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   if not _VERBOSE:
-    logging.set_verbosity(logging.WARNING)
+    quiet_libraries()
   cfg = load_config()
   if cfg.distributed:
     initialize_distributed(cfg)  # Before anything touches the devices.

@@ -175,6 +175,15 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host or local values (the same on every process) -> arrays replicated over ``mesh``."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x))),
+                      tree)
+
+
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """This process's slice of the batch -> a global array sharded over 'data'."""
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local)
@@ -524,15 +533,15 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
     model = abstract_model
     checkpoints.set_model_tree(model, start.model)
     _, params, stats = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jax.device_put(jnp.asarray(start.step, jnp.int32), replicated), params=params,
-                       batch_stats=stats, opt_state=start.opt,
-                       bad_step=jax.device_put(jnp.full((), -1, jnp.int32), replicated))
+    counters = replicate((np.int32(start.step), np.int32(-1)), mesh)
+    state = TrainState(step=counters[0], params=params, batch_stats=stats, opt_state=start.opt,
+                       bad_step=counters[1])
   else:
     model = build_model(cfg, jax.random.key(int(cfg.seed)))
     if start.init_tree is not None:
       checkpoints.set_model_tree(model, start.init_tree)
     graphdef, state = init_state(model, tx)
-    state = jax.device_put(state, replicated)
+    state = replicate(state, mesh)
   del abstract_params, abstract_stats
 
   # The run starts: from here on the workdir is written.
@@ -553,7 +562,7 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   console.line(f"{'resuming at' if start.step else 'training from'} step {start.step} of {n_steps} on {n_dev} "
                f'{jax.devices()[0].platform} device(s) ({jax.process_count()} process(es)); workdir {workdir}')
 
-  key = jax.device_put(jax.random.key(int(cfg.seed) + 1), replicated)
+  key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(int(cfg.seed) + 1)), mesh))
   step_fn = jit_train_step(make_train_step(graphdef, cfg, tx), mesh)
   val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test))
   report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=actions.log_interval,
