@@ -156,7 +156,8 @@ def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
 
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
-  return (text.splitlines()[0] if text else type(e).__name__)[:300]
+  text = text.splitlines()[0].split(' See full TensorStore details')[0] if text else type(e).__name__
+  return text[:300]
 
 
 def _check_structure(mngr: ocp.CheckpointManager, step: int, model_template: Any) -> None:
