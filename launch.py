@@ -119,7 +119,7 @@ def main(argv):
     initialize_distributed(cfg)  # Before anything touches the devices.
   from srvp_jax import train  # pylint: disable=import-outside-toplevel
   try:
-    train.train_and_evaluate(cfg, _WORKDIR.value)
+    train.train_and_evaluate(cfg, _WORKDIR.value, progress=sys.stderr.isatty())  # The bar is for terminals.
   except train.Interrupted as e:
     return e.exit_code  # The save message is printed.
   except train.NonFiniteError as e:

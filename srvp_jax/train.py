@@ -390,8 +390,9 @@ class StopRequest:
   so all processes save the same step together.
   """
 
-  def __init__(self, console: Console):
-    self.console, self.signum, self._previous = console, None, {}
+  def __init__(self):
+    self.signum, self._previous = None, {}
+    self.say = lambda text: print(text, file=sys.stderr, flush=True)  # The console's, once there is one.
 
   def _handle(self, signum, frame):
     del frame
@@ -399,8 +400,8 @@ class StopRequest:
       print(f'\n{signal.Signals(signum).name} again: exiting without saving', file=sys.stderr, flush=True)
       os._exit(128 + signum)  # pylint: disable=protected-access
     self.signum = signum
-    self.console.line(f'{signal.Signals(signum).name} received: finishing the current step, then saving '
-                      '(send it again to exit without saving)')
+    self.say(f'{signal.Signals(signum).name} received: finishing the current step, then saving '
+             '(send it again to exit without saving)')
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
@@ -498,9 +499,15 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   ``jax.distributed.initialize`` before. ``train_batches(start_step)`` (this process's slice of
   each global batch) / ``val_batches()`` override the dataset pipelines and ``tx`` the optimizer
   (tests, benchmarks). Nothing is written in ``workdir`` before every start-up check has passed.
-  SIGINT/SIGTERM save the last finished step and raise ``Interrupted``. Returns the last training
-  metrics and the last and best validation PSNR.
+  SIGINT/SIGTERM save the last finished step and raise ``Interrupted`` (before the first step:
+  nothing is written). Returns the last training metrics and the last and best validation PSNR.
   """
+  with StopRequest() as stop:
+    return _train(cfg, workdir, stop, train_batches, val_batches, tx, progress)
+
+
+def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx, progress: bool):
+  """``train_and_evaluate`` with its signal handlers installed."""
   is_main = jax.process_index() == 0
   mesh = make_mesh(cfg)
   check_batch_divisible(int(cfg.batch_size), mesh)
@@ -544,6 +551,12 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
     state = replicate(state, mesh)
   del abstract_params, abstract_stats
 
+  if stop.requested():
+    name = signal.Signals(stop.signum).name
+    message = f'{name}: stopped during start-up; nothing written in {workdir}'
+    print(message, file=sys.stderr, flush=True)
+    raise Interrupted(message, stop.signum)
+
   # The run starts: from here on the workdir is written.
   if is_main:
     os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
@@ -553,6 +566,7 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   writer = make_writer(workdir)
   _, periodic_actions = _clu()
   console = Console(n_steps, start.step, progress, is_main)
+  stop.say = console.line
   for step, why in start.skipped:
     where = checkpoints.quarantine(mngr, step)
     console.line(f'skipped step {step}: {why}; moved to {where}')
@@ -584,54 +598,53 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
     saved_step = step
 
   metrics, last, step = {}, None, start.step
-  with StopRequest(console) as stop:
-    try:
-      for step in range(start.step + 1, n_steps + 1):
-        batch = global_batch(next(batches), mesh)
-        previous = last
-        state, last = step_fn(state, batch, key)
-        if previous is not None:  # One step in flight: the bar counts finished steps, the host stays ahead.
-          jax.block_until_ready(previous['loss'])
-        for hook in hooks:
-          hook(step)
-        postfix, step_psnr = {}, None
-        if actions.log(step):
-          _check_finite(state, mngr)
-          metrics = {k: float(v) for k, v in jax.device_get(last).items()}
-          writer.write_scalars(step, metrics)
-          postfix = dict(loss=f"{metrics['loss']:.1f}", nll=f"{metrics['nll']:.1f}",
-                         kl_y=f"{metrics['kl_y_0']:.2f}", kl_z=f"{metrics['kl_z']:.2f}")
-        if actions.validate(step):
-          if stop.requested():
-            console.line(f'validation of step {step} not run (interrupted); the checkpoint of step {step} has no '
-                         'validation PSNR and cannot be the best')
-          else:
-            _check_finite(state, mngr)
-            with report.timed('validation'):
-              step_psnr = validate(val_fn, state, val_batches(), key, mesh, workdir, step, cfg, graphdef, is_main)
-            val_psnr = step_psnr
-            postfix['val_psnr'] = _describe_psnr(step_psnr)
-        if actions.checkpoint(step):
-          finite = step_psnr is not None and math.isfinite(step_psnr)
-          save(step, {checkpoints.METRIC: step_psnr} if finite else None)
-          if step_psnr is not None:
-            _report_validation(console, writer, mngr, step, step_psnr)
-        console.update(1, **postfix)
+  try:
+    for step in range(start.step + 1, n_steps + 1):
+      batch = global_batch(next(batches), mesh)
+      previous = last
+      state, last = step_fn(state, batch, key)
+      if previous is not None:  # One step in flight: the bar counts finished steps, the host stays ahead.
+        jax.block_until_ready(previous['loss'])
+      for hook in hooks:
+        hook(step)
+      postfix, step_psnr = {}, None
+      if actions.log(step):
+        _check_finite(state, mngr)
+        metrics = {k: float(v) for k, v in jax.device_get(last).items()}
+        writer.write_scalars(step, metrics)
+        postfix = dict(loss=f"{metrics['loss']:.1f}", nll=f"{metrics['nll']:.1f}",
+                       kl_y=f"{metrics['kl_y_0']:.2f}", kl_z=f"{metrics['kl_z']:.2f}")
+      if actions.validate(step):
         if stop.requested():
-          break
-    except KeyboardInterrupt:  # Raised by a data pipeline, or before the handlers were installed.
-      stop.signum = stop.signum or signal.SIGINT
+          console.line(f'validation of step {step} not run (interrupted); the checkpoint of step {step} has no '
+                       'validation PSNR and cannot be the best')
+        else:
+          _check_finite(state, mngr)
+          with report.timed('validation'):
+            step_psnr = validate(val_fn, state, val_batches(), key, mesh, workdir, step, cfg, graphdef, is_main)
+          val_psnr = step_psnr
+          postfix['val_psnr'] = _describe_psnr(step_psnr)
+      if actions.checkpoint(step):
+        finite = step_psnr is not None and math.isfinite(step_psnr)
+        save(step, {checkpoints.METRIC: step_psnr} if finite else None)
+        if step_psnr is not None:
+          _report_validation(console, writer, mngr, step, step_psnr)
+      console.update(1, **postfix)
+      if stop.requested():
+        break
+  except KeyboardInterrupt:  # Raised by a data pipeline, or before the handlers were installed.
+    stop.signum = stop.signum or signal.SIGINT
+  finally:
+    console.close()
+    if stop.signum is None:
+      mngr.wait_until_finished()
+      writer.flush()
+  if stop.signum is not None:
+    try:
+      _stop_and_save(stop.signum, state, save, saved_step, mngr, console)
     finally:
-      console.close()
-      if stop.signum is None:
-        mngr.wait_until_finished()
-        writer.flush()
-    if stop.signum is not None:
-      try:
-        _stop_and_save(stop.signum, state, save, saved_step, mngr, console)
-      finally:
-        mngr.wait_until_finished()
-        writer.flush()
+      mngr.wait_until_finished()
+      writer.flush()
   best = mngr.best_step()
   best_psnr = (mngr.metrics(best) or {}).get(checkpoints.METRIC) if best is not None else None
   console.line(f'done: step {n_steps}; checkpoints {sorted(mngr.all_steps())} in {mngr.directory}'
