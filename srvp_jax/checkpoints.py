@@ -11,7 +11,7 @@ Layout of a run (or converted) folder::
 One manager keeps, by its preservation policy, the ``keep_checkpoints`` newest steps, every
 ``keep_period``-th step (when set) and the step with the best finite validation PSNR. ``best``
 is the manager's best step; ``latest`` its newest. Model variables are stored as a pure nested dict
-(``nnx.State.to_pure_dict``) of the arrays as they live on the devices (sharded ``jax.Array``), and
+(``nnx.to_pure_dict``) of the arrays as they live on the devices (sharded ``jax.Array``), and
 are restored into an abstract tree that carries the target shardings. Folders of the earlier layout
 (``checkpoints/<step>`` beside ``best/<step>``) still load for evaluation and export.
 """
@@ -125,7 +125,7 @@ def manager(workdir: str, which: str = LATEST_DIR, max_to_keep: int | None = 3,
 
 def model_tree(model: nnx.Module) -> dict:
   """All model variables (parameters and BatchNorm statistics) as a pure dict of arrays."""
-  return nnx.state(model).to_pure_dict()
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: Mapping[str, Any],
@@ -345,7 +345,7 @@ def load_model(workdir: str, which: str = 'best', compute_dtype: str | None = No
 def set_model_tree(model: nnx.Module, tree: Mapping) -> None:
   """Loads a pure dict of variables into ``model``, checking names and shapes."""
   state = nnx.state(model)
-  template = dict(jax.tree_util.tree_flatten_with_path(state.to_pure_dict())[0])
+  template = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
   given = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
   if set(template) != set(given):
     diff = sorted(map(jax.tree_util.keystr, set(template) ^ set(given)))[:5]

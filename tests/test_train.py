@@ -350,3 +350,20 @@ def test_validation_draws_exactly_n_samples_whatever_the_chunk():
     results.append(np.asarray(val_fn(params, stats, x, key)))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
   np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
+
+
+def test_periodic_actions_validate_at_the_official_times_only():
+  """Validation at multiples of val_interval (not at a last step that is not one); a checkpoint at
+  every validation, every chkpt_interval steps and at the end; logs every log_interval steps and at the end."""
+  actions = train.PeriodicActions.from_config(tiny_config(lr_scheduling_burnin=20, lr_scheduling_n_iter=5,
+                                                          val_interval=10, chkpt_interval=4, log_interval=3))
+  steps = range(1, 26)
+  assert [s for s in steps if actions.validate(s)] == [10, 20]
+  assert [s for s in steps if actions.checkpoint(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
+  assert [s for s in steps if actions.log(s)] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+  default = train.PeriodicActions.from_config(tiny_config(val_interval=3, chkpt_interval=0))
+  assert [s for s in range(1, 7) if default.checkpoint(s)] == [3, 6]  # Default: every validation (+ the end).
+  with pytest.raises(config_lib.ConfigError, match='val_interval=0'):
+    config_lib.validate(tiny_config(val_interval=0))
+  with pytest.raises(config_lib.ConfigError, match='profile_steps=-1'):
+    config_lib.validate(tiny_config(profile_steps=-1))
