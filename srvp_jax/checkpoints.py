@@ -136,7 +136,7 @@ def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: Mapping
   non-finite value is not recorded, so it never counts as best.
   """
   items = {'model': ocp.args.StandardSave(model_state), 'meta': ocp.args.JsonSave(dict(meta))}
-  if opt_state is not None:
+  if opt_state is not None and jax.tree.leaves(opt_state):  # A stateless optimizer has nothing to save.
     items['opt'] = ocp.args.StandardSave(opt_state)
   if metrics is not None and not all(math.isfinite(float(v)) for v in metrics.values()):
     metrics = None
@@ -194,14 +194,15 @@ def restore(mngr: ocp.CheckpointManager, step: int, model_template: Any, opt_tem
   """
   _check_structure(mngr, step, model_template)
   items = {'model': ocp.args.StandardRestore(abstract(model_template)), 'meta': ocp.args.JsonRestore()}
-  if opt_template is not None:
+  stateless = opt_template is not None and not jax.tree.leaves(opt_template)
+  if opt_template is not None and not stateless:
     items['opt'] = ocp.args.StandardRestore(abstract(opt_template))
   try:
     out = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated '
                                  f'({_first_line(e)})') from None
-  opt = out['opt'] if opt_template is not None else None
+  opt = opt_template if stateless else out['opt'] if opt_template is not None else None
   bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path((out['model'], opt))[0]
          if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all())]
   if bad:

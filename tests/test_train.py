@@ -367,3 +367,34 @@ def test_periodic_actions_validate_at_the_official_times_only():
     config_lib.validate(tiny_config(val_interval=0))
   with pytest.raises(config_lib.ConfigError, match='profile_steps=-1'):
     config_lib.validate(tiny_config(profile_steps=-1))
+
+
+def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_path):
+  """checkpoints/<step> + best/<step> (the earlier layout): load_model reads both; training refuses in one
+  line that says how to go on (init_from), which then starts from its best model (model part only)."""
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  old = str(tmp_path / 'old')
+  cfg = config_lib.with_overrides(**TINY)
+  checkpoints.save_config(old, cfg)
+  trees = {}
+  for sub, step, seed in ((checkpoints.LATEST_DIR, 4, 1), (checkpoints.BEST_DIR, 2, 2)):
+    trees[step] = checkpoints.model_tree(build_model(cfg, jax.random.key(seed)))
+    mngr = checkpoints.manager(old, sub)
+    checkpoints.save(mngr, step, trees[step], {'step': step}, opt_state=None)
+    mngr.wait_until_finished()
+  for which, step in (('best', 2), ('latest', 4), ('4', 4)):
+    model, _, got = checkpoints.load_model(old, which)
+    assert got == step
+    for a, b in zip(jax.tree.leaves(checkpoints.model_tree(model)), jax.tree.leaves(trees[step])):
+      np.testing.assert_array_equal(a, b)
+  before = _snapshot(old)
+  with pytest.raises(config_lib.ConfigError, match='earlier checkpoint layout.*init_from='):
+    _tiny_run(old, tiny_config())
+  assert _snapshot(old) == before
+  new = str(tmp_path / 'new')
+  _tiny_run(new, tiny_config(init_from=old, lr_scheduling_burnin=1, lr_scheduling_n_iter=0), tx=optax.set_to_zero())
+  model, _, _ = checkpoints.load_model(new, 'latest')
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  source = nnx.to_pure_dict(nnx.state(checkpoints.load_model(old, 'best')[0], nnx.Param))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(source)):
+    np.testing.assert_array_equal(a, b)
