@@ -110,6 +110,14 @@ def quiet_libraries() -> None:
 
 
 def main(argv):
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:  # Before training installed its handlers (imports, config): nothing was written.
+    print('interrupted before training started; nothing written', file=sys.stderr, flush=True)
+    return 130
+
+
+def _main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}')
   if not _VERBOSE:

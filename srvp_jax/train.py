@@ -476,8 +476,7 @@ def _startup(cfg, workdir: str, mngr, abstract_model: dict, abstract_opt: Any) -
   start = _Start()
   for step in steps:
     try:
-      start.model, meta, start.opt = checkpoints.restore(mngr, step, abstract_model, abstract_opt)
-      del meta
+      start.model, _, start.opt = checkpoints.restore(mngr, step, abstract_model, abstract_opt)
       start.step = int(step)
       return start
     except checkpoints.CorruptCheckpointError as e:
@@ -632,7 +631,7 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
       console.update(1, **postfix)
       if stop.requested():
         break
-  except KeyboardInterrupt:  # Raised by a data pipeline, or before the handlers were installed.
+  except KeyboardInterrupt:  # Raised by a data pipeline (signals only set the flag): the state is whole.
     stop.signum = stop.signum or signal.SIGINT
   finally:
     console.close()
