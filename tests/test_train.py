@@ -398,3 +398,13 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
   source = nnx.to_pure_dict(nnx.state(checkpoints.load_model(old, 'best')[0], nnx.Param))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(source)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_validation_is_reported_and_never_best(tmp_path, capsys):
+  mngr = _save_steps(str(tmp_path), [2], {2: float('nan')})
+  console = train.Console(10, 2, show_bar=False, is_main=True)
+  writer = train.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
+  train._report_validation(console, writer, mngr, 2, float('nan'))  # pylint: disable=protected-access
+  err = capsys.readouterr().err
+  assert err.strip() == 'step 2: validation PSNR is non-finite (nan); this checkpoint never counts as best'
+  assert mngr.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()
