@@ -107,6 +107,12 @@ def test_relaunch_contradicting_the_checkpoints_is_refused_untouched(tmp_path):
   res = run_launch(workdir, '--config.nf=8')
   assert_one_line(res, 'holds checkpoints of another model', 'nf: 16 -> 8')
   assert snapshot(workdir) == before
+  # --verbosity brings the library logs (here orbax's) back; the error is still one line, printed once.
+  res = run_launch(workdir, '--config.nf=8', '--verbosity=0')
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and any('checkpoint_manager.py' in l for l in lines), res.stderr
+  assert sum(l.startswith('error: ') for l in lines) == 1 and lines[-1].startswith('error: ')
+  assert snapshot(workdir) == before
 
 
 def test_quick_start_run_is_quiet_and_keeps_latest_periodic_best(tmp_path):
