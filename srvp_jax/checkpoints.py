@@ -160,13 +160,20 @@ def _first_line(e: BaseException) -> str:
   return text[:300]
 
 
-def _check_structure(mngr: ocp.CheckpointManager, step: int, model_template: Any) -> None:
+def _check_structure(mngr: ocp.CheckpointManager, step: int, model_template: Any, with_opt: bool) -> None:
   """ConfigError when the checkpoint's stored tree contradicts the template (config mismatch)."""
   try:
-    stored = mngr.item_metadata(step)['model']
+    metadata = mngr.item_metadata(step)
+    stored = metadata['model']
   except Exception as e:  # pylint: disable=broad-except
     raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated (its metadata '
                                  f'cannot be read: {_first_line(e)})') from None
+  if with_opt and stored is not None and metadata.get('opt') is None and not os.path.isdir(
+      os.path.join(step_path(mngr, step), 'opt')):
+    workdir = os.path.dirname(str(mngr.directory))
+    raise config_lib.ConfigError(f'checkpoint {step_path(mngr, step)} holds a model without optimizer state (a '
+                                 f'converted checkpoint?): to train from it use --config.init_from={workdir} '
+                                 'with a new --workdir')
   if stored is None:
     raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated (no model item)')
   stored = getattr(stored, 'tree', stored)
@@ -192,9 +199,9 @@ def restore(mngr: ocp.CheckpointManager, step: int, model_template: Any, opt_tem
   ``ConfigError`` ("does not match its config"); unreadable files or non-finite values raise
   ``CorruptCheckpointError``.
   """
-  _check_structure(mngr, step, model_template)
-  items = {'model': ocp.args.StandardRestore(abstract(model_template)), 'meta': ocp.args.JsonRestore()}
   stateless = opt_template is not None and not jax.tree.leaves(opt_template)
+  _check_structure(mngr, step, model_template, with_opt=opt_template is not None and not stateless)
+  items = {'model': ocp.args.StandardRestore(abstract(model_template)), 'meta': ocp.args.JsonRestore()}
   if opt_template is not None and not stateless:
     items['opt'] = ocp.args.StandardRestore(abstract(opt_template))
   try:
