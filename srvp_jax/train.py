@@ -272,7 +272,7 @@ def _stderr_silenced(active: bool):
 
 
 class JsonlWriter:
-  """A clu ``MetricWriter`` of scalars, one JSON object per line (``metrics.jsonl``): readable without TensorBoard."""
+  """clu's ``MetricWriter`` interface for ``metrics.jsonl``: scalars, one JSON object per line (no TensorBoard needed)."""
 
   def __init__(self, path: str):
     self.path = path
