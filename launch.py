@@ -1,34 +1,146 @@
 """Trains SRVP: ``python launch.py --config configs/bair.py --workdir DIR [--config.key=value ...]``.
 
-Rerunning the same command in the same workdir resumes from the latest checkpoint.
+Rerunning the same command in the same workdir resumes from the latest intact checkpoint; Ctrl-C or
+SIGTERM saves the last finished step first. Library logs (absl, orbax, TensorFlow) are off unless
+``--verbosity=0`` (INFO) or ``--verbosity=1`` (DEBUG) is given. Several hosts: the same command on
+every host with ``--config.distributed=True`` (see ``initialize_distributed``).
+
+Errors are one ``error: ...`` line: exit status 2 for a bad config or workdir, 1 when training fails
+(non-finite loss); 128 + the signal number after a SIGINT/SIGTERM save.
 """
 
+import os
 import sys
+
+# Library logs are off by default (before absl / TensorFlow are imported); --verbosity brings them back.
+_VERBOSE = any(a.startswith(('--verbosity', '-v=', '--v=')) for a in sys.argv[1:])
+if not _VERBOSE:
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+# pylint: disable=wrong-import-position
+import difflib
+import logging as pylogging
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from srvp_jax import config as config_lib
 
+# pylint: enable=wrong-import-position
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file of configs/ (get_config()).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (resumes if present).')
-flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _fail(message: str, code: int = 2):
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors (missing file, mistyped key, bad value) instead of tracebacks."""
+  known = set(config_lib.default_config().keys())
+  for arg in argv[1:]:
+    if arg.startswith('--config.'):
+      key = arg[len('--config.'):].split('=', 1)[0].split('.', 1)[0]
+      if key not in known:
+        _fail(f'{config_lib.did_you_mean(key)} in {arg}')
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f'{e}; usage: python launch.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]')
+  for name in ('config', 'workdir'):
+    if getattr(flags.FLAGS, name) is None:
+      _fail(f'--{name} is required; usage: python launch.py --config configs/NAME.py --workdir DIR')
+  path = flags.FLAGS['config'].config_filename
+  if not os.path.isfile(path):
+    close = difflib.get_close_matches(os.path.basename(path), os.listdir('configs') if os.path.isdir('configs') else [])
+    _fail(f'config file not found: {path}' + (f' (did you mean configs/{close[0]}?)' if close else
+                                                '; the paper setups are configs/*.py'))
+  return rest
+
+
+def load_config():
+  """The config of the flags, overrides applied, validated once (the config file's own errors are one line)."""
+  try:
+    cfg = _CONFIG.value
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags wraps whatever went wrong (file, override type) in a few layers: keep the first line.
+    text = ' '.join(str(e).replace('\\n', ' ').split())
+    _fail(f'cannot load the config: {text[:400]}')
+  try:
+    config_lib.validate(cfg)
+  except config_lib.ConfigError as e:
+    _fail(str(e))
+  return cfg
+
+
+def initialize_distributed(cfg) -> None:
+  """``jax.distributed.initialize`` with the config's (or JAX_* environment's) coordinator, count and id.
+
+  Unset values fall back to ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``,
+  then to the cluster's auto-detection (SLURM, Open MPI, TPU pods, ...).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  address = cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
+  num = int(cfg.num_processes) or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
+  pid = int(cfg.process_id) if int(cfg.process_id) >= 0 else os.environ.get('JAX_PROCESS_ID')
+  pid = None if pid is None else int(pid)
+  given = [v is not None for v in (address, num, pid)]
+  if any(given) and not all(given):
+    _fail('multi-process training needs the coordinator address, the process count and this process id together '
+          '(--config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I, or '
+          'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or none of them on a cluster JAX '
+          'detects (SLURM, Open MPI, TPU)')
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices of several processes reduce.
+  try:
+    jax.distributed.initialize(address, num, pid)
+  except (ValueError, RuntimeError) as e:
+    _fail(f'jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}', 1)
+
+
+def quiet_libraries() -> None:
+  """Our warnings stay; libraries' INFO and WARNING records (orbax, absl, jax) go, unless --verbosity."""
+  def keep(record) -> bool:
+    ours = os.sep + 'srvp_jax' + os.sep in record.pathname or record.pathname.endswith('launch.py')
+    return ours or record.levelno >= pylogging.ERROR
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(keep)
 
 
 def main(argv):
+  try:
+    return _main(argv)
+  except KeyboardInterrupt:  # Before training installed its handlers (imports, config): nothing was written.
+    print('interrupted before training started; nothing written', file=sys.stderr, flush=True)
+    return 130
+
+
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+    _fail(f'unexpected arguments {argv[1:]}')
+  if not _VERBOSE:
+    quiet_libraries()
+  cfg = load_config()
+  if cfg.distributed:
+    initialize_distributed(cfg)  # Before anything touches the devices.
   from srvp_jax import train  # pylint: disable=import-outside-toplevel
   from srvp_jax.data import DataError  # pylint: disable=import-outside-toplevel
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (config_lib.ConfigError, FileNotFoundError, DataError, train.NonFiniteError) as e:
-    logging.error('%s', e)
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    train.train_and_evaluate(cfg, _WORKDIR.value, progress=sys.stderr.isatty())  # The bar is for terminals.
+  except train.Interrupted as e:
+    return e.exit_code  # The save message is printed.
+  except train.NonFiniteError as e:
+    _fail(str(e), 1)
+  except (config_lib.ConfigError, FileNotFoundError, DataError) as e:
+    _fail(str(e))
+  except (ValueError, OSError) as e:
+    if not type(e).__module__.startswith('srvp_jax'):
+      raise
+    _fail(str(e))  # Bad input found by our own code (data files, checkpoints): one line.
   return 0
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -5,16 +5,13 @@
 DIR holds the KTH video store (``python -m srvp_jax.data download kth --data_dir DIR`` then ``prepare kth``).
 Evaluation: 40 frames, 10 conditioning, 100 samples.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _base import make  # pylint: disable=wrong-import-position
+from srvp_jax import config as config_lib
 
 
 def get_config():
-  return make(dataset='kth', nc=1, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=3, nt_cond=10,
-              obs_scale=0.2, beta_z=1.0, res_gain=1.2, batch_size=100, seq_len=20, seq_len_test=30,
-              lr_scheduling_burnin=150_000, lr_scheduling_n_iter=50_000, val_interval=5_000,
-              # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
-              test_nt_gen=40, test_n_samples=100, test_checkpoint='best')
+  return config_lib.preset(
+      dataset='kth', nc=1, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=3, nt_cond=10,
+      obs_scale=0.2, beta_z=1.0, res_gain=1.2, batch_size=100, seq_len=20, seq_len_test=30,
+      lr_scheduling_burnin=150_000, lr_scheduling_n_iter=50_000, val_interval=5_000,
+      # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
+      test_nt_gen=40, test_n_samples=100, test_checkpoint='best')

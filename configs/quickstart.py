@@ -7,16 +7,12 @@ MNIST (``digits_source='standin'``). With MNIST IDX files use ``--config.digits_
 --config.data_dir=DIR``. The model is the paper's DCGAN SRVP, narrower, on shorter videos, and with skip connections
 (the decoder sees the conditioning frame's encoder features, so digits look sharp after minutes).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _base import make  # pylint: disable=wrong-import-position
+from srvp_jax import config as config_lib
 
 
 def get_config():
-  return make(dataset='smmnist', digits_source='standin', nc=1, archi='dcgan', skipco=True, nf=16, nhx=64, ny=10,
-              nz=10, nh_inf=64, nh_res=64, nlayers_res=3, n_euler_steps=1, nt_inf=3, nt_cond=4, seq_len=10,
-              obs_scale=1.0, beta_z=2.0, batch_size=8, lr=1e-3, lr_scheduling_burnin=400,
-              lr_scheduling_n_iter=100, val_interval=125, n_iter_test=1, batch_size_test=16, n_samples_test=8,
-              val_sample_chunk=8, log_interval=20, num_data_workers=2)
+  return config_lib.preset(
+      dataset='smmnist', digits_source='standin', nc=1, archi='dcgan', skipco=True, nf=16, nhx=64, ny=10, nz=10,
+      nh_inf=64, nh_res=64, nlayers_res=3, n_euler_steps=1, nt_inf=3, nt_cond=4, seq_len=10, obs_scale=1.0,
+      beta_z=2.0, batch_size=8, lr=1e-3, lr_scheduling_burnin=400, lr_scheduling_n_iter=100, val_interval=125,
+      n_iter_test=1, batch_size_test=16, n_samples_test=8, val_sample_chunk=8, log_interval=20, num_data_workers=2)

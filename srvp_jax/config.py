@@ -8,6 +8,7 @@ locked: an unknown or mistyped key is an error, never a silently ignored option.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from typing import Any, Mapping
@@ -40,7 +41,11 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     keep_period=0,  # Also keep every checkpoint whose step is a multiple of this (0: none; periodic).
     log_interval=50,  # Steps between scalar summaries.
     n_val_videos_gif=4,  # Videos shown in the validation GIF.
-    distributed=False,  # Call jax.distributed.initialize() (multi-host).
+    distributed=False,  # Call jax.distributed.initialize() (multi-host; launch.py).
+    coordinator_address='',  # host:port of process 0 ('': $JAX_COORDINATOR_ADDRESS or cluster auto-detection).
+    num_processes=0,  # Processes in the run (0: $JAX_NUM_PROCESSES or cluster auto-detection).
+    process_id=-1,  # This process's index (-1: $JAX_PROCESS_ID or cluster auto-detection).
+    profile_steps=0,  # Profile this many steps (from the 3rd after start-up) into WORKDIR/plugins/profile.
     num_data_workers=4,  # Parallel batch builders in the input pipeline (threads).
     num_data_processes=0,  # Worker processes building batches (0: threads only; Moving MNIST scales with them).
     digits_source='auto',  # Moving MNIST digits: 'auto', 'idx', 'tfds' or 'standin' (offline stand-in).
@@ -78,6 +83,23 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+def preset(**overrides) -> ml_collections.ConfigDict:
+  """Our defaults with ``overrides`` (unknown keys are errors), locked; validated later, once (``launch.py``)."""
+  cfg = default_config()
+  unknown = sorted(set(overrides) - set(cfg.keys()))
+  if unknown:
+    raise ConfigError(f'unknown config key(s) {unknown}')
+  cfg.update(overrides)
+  cfg.lock()
+  return cfg
+
+
+def did_you_mean(key: str) -> str:
+  """``unknown config key 'x' (did you mean 'y'?)``: the one-line message of a mistyped key."""
+  close = difflib.get_close_matches(key, sorted(set(OFFICIAL_DEFAULTS) | set(EXTRA_DEFAULTS)), n=1)
+  return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
+
+
 def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Validates ``cfg`` and locks it so that unknown keys raise."""
   validate(cfg)
@@ -101,7 +123,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
   known = set(OFFICIAL_DEFAULTS) | set(EXTRA_DEFAULTS)
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
-    raise ConfigError(f'unknown config key(s) {unknown}; valid keys: {sorted(known)}')
+    raise ConfigError('; '.join(did_you_mean(k) for k in unknown))
   if cfg['archi'] not in ARCHITECTURES:
     raise ConfigError(f"unknown architecture archi={cfg['archi']!r}; expected one of {ARCHITECTURES}")
   if cfg['nx'] != 64:
@@ -121,6 +143,13 @@ def validate(cfg: Mapping[str, Any]) -> None:
                       'jax_enable_x64)')
   if cfg['dataset'] not in DATASETS:
     raise ConfigError(f"unknown dataset={cfg['dataset']!r}; expected one of {DATASETS}")
+  for key in ('val_interval', 'log_interval', 'keep_checkpoints', 'batch_size_test', 'n_iter_test', 'n_samples_test',
+              'val_sample_chunk'):
+    if int(cfg[key]) < 1:
+      raise ConfigError(f'{key}={cfg[key]} must be a positive integer')
+  for key in ('chkpt_interval', 'keep_period', 'profile_steps', 'num_processes'):
+    if int(cfg[key]) < 0:
+      raise ConfigError(f'{key}={cfg[key]} must be 0 (off) or a positive integer')
   if cfg['seq_len'] < cfg['nt_inf']:
     raise ConfigError(f"seq_len={cfg['seq_len']} is shorter than nt_inf={cfg['nt_inf']}")
   for key in ('test_nt_cond', 'test_nt_gen', 'test_n_samples'):

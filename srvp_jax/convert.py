@@ -63,11 +63,11 @@ def load_state_dict(model: SRVP, state_dict: Mapping[str, Any], cfg: Mapping[str
     raise CheckpointError(f"checkpoint does not match the model{hint}: {'; '.join(parts)}")
   for t in tensors:
     value = np.asarray(state_dict[t.name])
-    ours = torch_to_ours(value, t.layout) if value.ndim else value
     current = t.variable[...]
-    if tuple(ours.shape) != tuple(current.shape):
-      expected = ours_to_torch(np.zeros(current.shape, np.int8), t.layout).shape
-      raise CheckpointError(f'{t.name} has shape {tuple(value.shape)} but the config implies {tuple(expected)}{hint}')
+    expected = tuple(ours_to_torch(np.zeros(current.shape, np.int8), t.layout).shape)
+    if tuple(value.shape) != expected:  # Checked before any transposition: a wrong rank is one line too.
+      raise CheckpointError(f'{t.name} has shape {tuple(value.shape)} but the config implies {expected}{hint}')
+    ours = torch_to_ours(value, t.layout) if value.ndim else value
     if np.issubdtype(current.dtype, np.integer) and ours.size and not (
         np.iinfo(current.dtype).min <= ours.min() and ours.max() <= np.iinfo(current.dtype).max):
       raise CheckpointError(f'{t.name} = {ours.max()} does not fit in {current.dtype}')

@@ -9,16 +9,24 @@ batch (``jax.make_array_from_process_local_data``).
 
 Resuming is exact: the step's noise key is ``fold_in(seed_key, step)`` and the data stream is
 step-indexed, so a run killed at step k and resumed ends where an uninterrupted run ends.
+
+The loop around the step: one orbax manager (``srvp_jax.checkpoints``), clu writers, progress
+report and profiler, one ``PeriodicActions`` that decides when to log, validate and checkpoint,
+SIGINT/SIGTERM turned into "save and stop", and start-up checks that all pass before anything is
+written in the workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import time
+import signal
+import sys
+import threading
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -57,8 +65,21 @@ def lr_schedule(lr: float, burnin: int, n_iter: int) -> Callable[[jax.Array], ja
 
 
 def make_optimizer(cfg: Mapping[str, Any]) -> optax.GradientTransformation:
-  """Adam (betas 0.9, 0.999, eps 1e-8) with the official learning-rate schedule."""
-  return optax.adam(make_lr(cfg), b1=0.9, b2=0.999, eps=1e-8)
+  """Adam (betas 0.9, 0.999, eps 1e-8) with the official learning-rate schedule.
+
+  The schedule is injected (``optax.inject_hyperparams``), so the optimizer state holds the learning
+  rate its last update used: what training logs.
+  """
+  adam = optax.inject_hyperparams(optax.adam, static_args=('b1', 'b2', 'eps', 'eps_root'))
+  return adam(learning_rate=make_lr(cfg), b1=0.9, b2=0.999, eps=1e-8)
+
+
+def applied_lr(opt_state: Any) -> jax.Array | None:
+  """The learning rate of the optimizer's last update (None for an optimizer without an injected one)."""
+  for s in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, 'hyperparams')):
+    if hasattr(s, 'hyperparams') and 'learning_rate' in s.hyperparams:
+      return s.hyperparams['learning_rate']
+  return None
 
 
 def total_steps(cfg: Mapping[str, Any]) -> int:
@@ -112,7 +133,10 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
         params=keep(new_params, state.params), batch_stats=keep(new_stats, state.batch_stats),
         opt_state=keep(new_opt, state.opt_state),
         bad_step=jnp.where(finite | (state.bad_step >= 0), state.bad_step, state.step + 1))
-    metrics = dict(terms, grad_norm=grad_norm, lr=make_lr(cfg)(state.step))
+    metrics = dict(terms, grad_norm=grad_norm)
+    lr = applied_lr(new_opt)
+    if lr is not None:
+      metrics['lr'] = lr
     return new_state, metrics
 
   return train_step
@@ -151,6 +175,15 @@ def jit_train_step(train_step, mesh: Mesh):
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  """Host or local values (the same on every process) -> arrays replicated over ``mesh``."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x))),
+                      tree)
+
+
 def global_batch(local: np.ndarray, mesh: Mesh) -> jax.Array:
   """This process's slice of the batch -> a global array sharded over 'data'."""
   return jax.make_array_from_process_local_data(NamedSharding(mesh, P('data')), local)
@@ -187,159 +220,449 @@ def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int, mesh: Mesh | N
 
 
 # --------------------------------------------------------------------------------------------------
-# Logging.
-class MetricLog:
-  """Scalars to ``metrics.jsonl`` and TensorBoard event files (when TensorFlow is available)."""
+# Logging and periodic actions.
+def _clu():
+  """clu's ``metric_writers`` and ``periodic_actions`` (they import TensorFlow: lazily, GPUs hidden from it)."""
+  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
+  quiet = 'tensorflow' not in sys.modules and logging.get_verbosity() < logging.INFO
+  with _stderr_silenced(quiet):  # TensorFlow's C++ start-up notes (oneDNN, absl) bypass every log level.
+    try:
+      tf_utils.import_tensorflow()
+    except ImportError as e:
+      logging.info('TensorBoard events disabled (%s)', e)
+    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
+  return metric_writers, periodic_actions
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
-    self.tb = None
-    if enabled:
-      try:
-        from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-        tf_utils.import_tensorflow()
-        from clu import metric_writers  # pylint: disable=import-outside-toplevel
-        self.tb = metric_writers.SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError as e:
-        logging.info('TensorBoard events disabled (%s); scalars still go to %s', e, self.path)
 
-  def write(self, step: int, scalars: Mapping[str, float]) -> None:
-    if not self.enabled:
-      return
-    scalars = {k: float(v) for k, v in scalars.items()}
+@contextlib.contextmanager
+def _stderr_silenced(active: bool):
+  """Points file descriptor 2 at /dev/null while active (C++ libraries write there directly)."""
+  if not active:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+class JsonlWriter:
+  """clu's ``MetricWriter`` interface for ``metrics.jsonl``: scalars, one JSON object per line (no TensorBoard needed)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     with open(self.path, 'a', encoding='utf-8') as f:
-      f.write(json.dumps({'step': int(step), **scalars}) + '\n')
-    if self.tb is not None:
-      self.tb.write_scalars(int(step), scalars)
-      self.tb.flush()
+      f.write(json.dumps({'step': int(step), **{k: float(v) for k, v in scalars.items()}}) + '\n')
+
+  def write_summaries(self, step, values, metadata=None):
+    del step, values, metadata
+
+  def write_images(self, step, images):
+    del step, images
+
+  def write_videos(self, step, videos):
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate):
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts):
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    del step, arrays, num_buckets
+
+  def write_hparams(self, hparams):
+    del hparams
+
+  def flush(self):
+    pass
+
+  def close(self):
+    pass
+
+
+def make_writer(workdir: str):
+  """clu's default writer (TensorBoard + absl logging; logging only off process 0) and ``metrics.jsonl``."""
+  metric_writers, _ = _clu()
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(just_logging=True)
+  return metric_writers.MultiWriter([metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard')),
+                                     JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+
+
+@dataclasses.dataclass(frozen=True)
+class PeriodicActions:
+  """When to log, validate and checkpoint: the one place these intervals are read.
+
+  Validation runs at the official times only (multiples of ``val_interval``, not at the last
+  step); checkpoints every ``chkpt_interval`` steps (default: every validation), at every
+  validation (the validation PSNR ranks the checkpoint) and at the last step.
+  """
+  n_steps: int
+  log_interval: int
+  val_interval: int
+  chkpt_interval: int
+
+  @classmethod
+  def from_config(cls, cfg: Mapping[str, Any]) -> 'PeriodicActions':
+    return cls(total_steps(cfg), int(cfg['log_interval']), int(cfg['val_interval']),
+               int(cfg['chkpt_interval']) or int(cfg['val_interval']))
+
+  def log(self, step: int) -> bool:
+    return step % self.log_interval == 0 or step == self.n_steps
+
+  def validate(self, step: int) -> bool:
+    return step % self.val_interval == 0
+
+  def checkpoint(self, step: int) -> bool:
+    return step % self.chkpt_interval == 0 or self.validate(step) or step == self.n_steps
+
+
+class Console:
+  """The progress bar (interactive runs, process 0) and the few lines a run prints."""
+
+  def __init__(self, total: int, initial: int, show_bar: bool, is_main: bool):
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    self.is_main = is_main
+    self.bar = tqdm(total=total, initial=initial, disable=not (show_bar and is_main), dynamic_ncols=True,
+                    unit='step', leave=True)
+    self.postfix = {}
+
+  def line(self, text: str) -> None:
+    if self.is_main:
+      if self.bar.disable:
+        print(text, file=sys.stderr, flush=True)
+      else:
+        self.bar.write(text, file=sys.stderr)
+
+  def update(self, n: int = 1, **postfix: str) -> None:
+    self.postfix.update(postfix)
+    if postfix:
+      self.bar.set_postfix(self.postfix, refresh=False)
+    self.bar.update(n)
+
+  def close(self) -> None:
+    self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Signals.
+class Interrupted(KeyboardInterrupt):
+  """Training stopped by SIGINT/SIGTERM (or Ctrl-C) after saving ``step``; ``exit_code`` is 128 + signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.exit_code = 128 + int(signum)
+
+
+class StopRequest:
+  """SIGINT/SIGTERM set a flag the loop reads between steps (a donated step is never cut in half).
+
+  A second signal exits at once without saving. Multi-process runs agree on the flag every step,
+  so all processes save the same step together.
+  """
+
+  def __init__(self):
+    self.signum, self._previous = None, {}
+    self.say = lambda text: print(text, file=sys.stderr, flush=True)  # The console's, once there is one.
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signum is not None:
+      print(f'\n{signal.Signals(signum).name} again: exiting without saving', file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.signum = signum
+    self.say(f'{signal.Signals(signum).name} received: finishing the current step, then saving '
+             '(send it again to exit without saving)')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGINT, signal.SIGTERM):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._previous.items():
+      signal.signal(s, h)
+
+  def requested(self) -> bool:
+    flag = self.signum is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
+      if self.signum is None and np.max(signums):
+        self.signum = int(np.max(signums))
+      flag = bool(np.max(signums))
+    return flag
 
 
 # --------------------------------------------------------------------------------------------------
 # The loop.
-def _check_finite(state: TrainState, workdir: str) -> None:
+def _check_finite(state: TrainState, mngr) -> None:
   """Raises NonFiniteError (with the step) once a step has met a non-finite loss or gradient."""
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
-    raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, the last good '
-                         f'checkpoint in {workdir} is kept (lower lr, check the data)')
+    last = mngr.latest_step()
+    kept = (f'the last good checkpoint (step {last}) in {mngr.directory} is kept' if last is not None
+            else 'no checkpoint had been written yet')
+    raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, {kept} (lower lr, check '
+                         'the data)')
 
 
-def _host_model_tree(graphdef, state: TrainState) -> dict:
-  """The model variables of ``state`` as a pure dict of host arrays (what checkpoints store)."""
-  return checkpoints.model_tree(jax.device_get(nnx.merge(graphdef, state.params, state.batch_stats, copy=True)))
-
-
-def _load_init_from(model: SRVP, path: str) -> None:
-  """Initialises ``model`` from a checkpoint folder (ours or converted) to fine-tune it."""
-  src, _, step = checkpoints.load_model(path, 'best')
-  checkpoints.set_model_tree(model, checkpoints.model_tree(src))
+def _load_init_from(path: str, template: dict) -> dict:
+  """The model variables of a checkpoint folder (ours or converted) to fine-tune from."""
+  try:
+    src, _, step = checkpoints.load_model(path, 'best')
+  except checkpoints.CheckpointNotFoundError:
+    src, _, step = checkpoints.load_model(path, 'latest')
+  tree = checkpoints.model_tree(src)
+  want = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(template)[0]}
+  have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  if want != have:
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[:3]
+    raise config_lib.ConfigError(f'init_from={path} holds another model than the config describes (e.g. {diff})')
   logging.info('initialised from %s (step %d)', path, step)
+  return tree
+
+
+@dataclasses.dataclass
+class _Start:
+  """What the start-up checks found: the step to resume from, its restored arrays, the skipped steps."""
+  step: int = 0
+  model: Any = None
+  opt: Any = None
+  skipped: list = dataclasses.field(default_factory=list)
+  init_tree: Any = None
+
+
+def _startup(cfg, workdir: str, mngr, abstract_model: dict, abstract_opt: Any) -> _Start:
+  """Every check that can refuse the run, before anything is written in ``workdir``."""
+  if checkpoints.is_legacy_layout(workdir):
+    raise config_lib.ConfigError(checkpoints.legacy_hint(workdir))
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if steps:
+    conflicts = checkpoints.config_conflicts(workdir, cfg)
+    if conflicts:
+      raise config_lib.ConfigError(f"{workdir} holds checkpoints of another model ({'; '.join(conflicts)}); "
+                                   'drop these overrides to resume, or use another --workdir')
+  start = _Start()
+  for step in steps:
+    try:
+      start.model, _, start.opt = checkpoints.restore(mngr, step, abstract_model, abstract_opt)
+      start.step = int(step)
+      return start
+    except checkpoints.CorruptCheckpointError as e:
+      start.skipped.append((int(step), str(e)))
+  if start.skipped:
+    raise checkpoints.CorruptCheckpointError(f'no intact checkpoint in {mngr.directory}: '
+                                             f'{start.skipped[0][1]}; move the folder aside to start afresh')
+  if cfg.init_from:
+    start.init_tree = _load_init_from(cfg.init_from, abstract_model)
+  return start
 
 
 def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iterator[np.ndarray]] | None = None,
                        val_batches: Callable[[], Iterator[np.ndarray]] | None = None, tx=None,
                        progress: bool = True) -> dict[str, float]:
-  """Trains for ``burnin + n_iter`` steps in ``workdir``, resuming from its latest checkpoint.
+  """Trains for ``burnin + n_iter`` steps in ``workdir``, resuming from its latest intact checkpoint.
 
-  ``train_batches(start_step)`` / ``val_batches()`` override the dataset pipelines and ``tx`` the
-  optimizer (tests, benchmarks). Returns the last training metrics and validation PSNR.
+  ``cfg`` is a ready config (validated, e.g. by ``launch.py``); multi-host runs have called
+  ``jax.distributed.initialize`` before. ``train_batches(start_step)`` (this process's slice of
+  each global batch) / ``val_batches()`` override the dataset pipelines and ``tx`` the optimizer
+  (tests, benchmarks). Nothing is written in ``workdir`` before every start-up check has passed.
+  SIGINT/SIGTERM save the last finished step and raise ``Interrupted`` (before the first step:
+  nothing is written). Returns the last training metrics and the last and best validation PSNR.
   """
-  config_lib.validate(cfg)
-  if cfg.distributed:
-    jax.distributed.initialize()
+  with StopRequest() as stop:
+    return _train(cfg, workdir, stop, train_batches, val_batches, tx, progress)
+
+
+def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx, progress: bool):
+  """``train_and_evaluate`` with its signal handlers installed."""
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    checkpoints.save_config(workdir, cfg)
   mesh = make_mesh(cfg)
   check_batch_divisible(int(cfg.batch_size), mesh)
-  n_steps = total_steps(cfg)
+  actions = PeriodicActions.from_config(cfg)
+  n_steps = actions.n_steps
   local_batch = int(cfg.batch_size) // jax.process_count()
-
-  model = build_model(cfg, jax.random.key(int(cfg.seed)))
-  tx = tx or make_optimizer(cfg)
-  graphdef, state = init_state(model, tx)
-  latest = checkpoints.manager(workdir, checkpoints.LATEST_DIR, int(cfg.keep_checkpoints), int(cfg.keep_period))
-  best = checkpoints.manager(workdir, checkpoints.BEST_DIR, 1)
-  best_psnr, start = -math.inf, 0
-  if latest.latest_step() is not None:
-    start = int(latest.latest_step())
-    tree, meta, opt_state = checkpoints.restore(latest, start, checkpoints.model_tree(model), state.opt_state)
-    checkpoints.set_model_tree(model, tree)
-    _, params, stats = nnx.split(model, nnx.Param, ...)
-    state = TrainState(step=jnp.asarray(start, jnp.int32), params=params, batch_stats=stats, opt_state=opt_state,
-                       bad_step=jnp.full((), -1, jnp.int32))
-    best_psnr = float(meta.get('best_val_psnr', -math.inf))
-    logging.info('resumed from %s at step %d', workdir, start)
-  elif cfg.init_from:
-    _load_init_from(model, cfg.init_from)
-    graphdef, state = init_state(model, tx)
-
   replicated = NamedSharding(mesh, P())
-  state = jax.device_put(state, replicated)
-  key = jax.device_put(jax.random.key(int(cfg.seed) + 1), replicated)
-  step_fn = jit_train_step(make_train_step(graphdef, cfg, tx), mesh)
-  val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test), mesh)
-  log = MetricLog(workdir, enabled=is_main)
+  tx = tx or make_optimizer(cfg)
 
+  # Start-up: abstract model and state (no compilation), checkpoints, data; nothing written yet.
+  abstract_model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(int(cfg.seed))))
+  graphdef, abstract_params, abstract_stats = nnx.split(abstract_model, nnx.Param, ...)
+  abstract_tree = checkpoints.abstract(checkpoints.model_tree(abstract_model), replicated)
+  abstract_opt = checkpoints.abstract(jax.eval_shape(tx.init, abstract_params), replicated)
+  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, int(cfg.keep_checkpoints), int(cfg.keep_period))
+  start = _startup(cfg, workdir, mngr, abstract_tree, abstract_opt)
   if train_batches is None or val_batches is None:
     from srvp_jax import data  # pylint: disable=import-outside-toplevel
     dataset = data.get_dataset(cfg)
   if train_batches is None:
-    batches = dataset.train_batches(local_batch, seed=int(cfg.seed), start_step=start,
+    batches = dataset.train_batches(local_batch, seed=int(cfg.seed), start_step=start.step,
                                     process_index=jax.process_index(), process_count=jax.process_count())
   else:
-    batches = train_batches(start)
+    batches = train_batches(start.step)
   if val_batches is None:
     def val_batches():
       return dataset.val_batches(int(cfg.batch_size_test), seed=int(cfg.seed), n_batches=int(cfg.n_iter_test))
 
-  def save_latest(step: int) -> None:
-    _check_finite(state, workdir)
-    checkpoints.save(latest, step, _host_model_tree(graphdef, state), {'step': step, 'best_val_psnr': best_psnr},
-                     jax.device_get(state.opt_state))
+  if start.model is not None:
+    model = abstract_model
+    checkpoints.set_model_tree(model, start.model)
+    _, params, stats = nnx.split(model, nnx.Param, ...)
+    counters = replicate((np.int32(start.step), np.int32(-1)), mesh)
+    state = TrainState(step=counters[0], params=params, batch_stats=stats, opt_state=start.opt,
+                       bad_step=counters[1])
+  else:
+    model = build_model(cfg, jax.random.key(int(cfg.seed)))
+    if start.init_tree is not None:
+      checkpoints.set_model_tree(model, start.init_tree)
+    graphdef, state = init_state(model, tx)
+    state = replicate(state, mesh)
+  del abstract_params, abstract_stats
 
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  bar = tqdm(total=n_steps, initial=start, disable=not (progress and is_main), dynamic_ncols=True, unit='step')
-  metrics, val_psnr, last = {}, float('nan'), None
-  step = start
-  t0 = time.time()
-  ckpt_every = int(cfg.chkpt_interval) or int(cfg.val_interval)
+  if stop.requested():
+    name = signal.Signals(stop.signum).name
+    message = f'{name}: stopped during start-up; nothing written in {workdir}'
+    print(message, file=sys.stderr, flush=True)
+    raise Interrupted(message, stop.signum)
+
+  # The run starts: from here on the workdir is written.
+  if is_main:
+    os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices('srvp_workdir')
+  writer = make_writer(workdir)
+  _, periodic_actions = _clu()
+  console = Console(n_steps, start.step, progress, is_main)
+  stop.say = console.line
+  for step, why in start.skipped:
+    where = checkpoints.quarantine(mngr, step)
+    console.line(f'skipped step {step}: {why}; moved to {where}')
+  if is_main:
+    checkpoints.save_config(workdir, cfg)
+  n_dev = mesh.devices.size
+  console.line(f"{'resuming at' if start.step else 'training from'} step {start.step} of {n_steps} on {n_dev} "
+               f'{jax.devices()[0].platform} device(s) ({jax.process_count()} process(es)); workdir {workdir}')
+
+  key = jax.random.wrap_key_data(replicate(jax.random.key_data(jax.random.key(int(cfg.seed) + 1)), mesh))
+  step_fn = jit_train_step(make_train_step(graphdef, cfg, tx), mesh)
+  val_fn = make_val_fn(graphdef, cfg, int(cfg.n_samples_test), mesh)
+  report = periodic_actions.ReportProgress(num_train_steps=n_steps, writer=writer, every_steps=actions.log_interval,
+                                           every_secs=None)
+  hooks = [report]
+  if int(cfg.profile_steps) and is_main:
+    hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=int(cfg.profile_steps),
+                                          profile_duration_ms=None, first_profile=start.step + 3, every_steps=None,
+                                          every_secs=None))
+
+  saved_step = start.step if start.model is not None else None
+  val_psnr = None
+
+  def save(step: int, metrics: Mapping[str, float] | None = None) -> None:
+    nonlocal saved_step
+    _check_finite(state, mngr)
+    tree = checkpoints.model_tree(nnx.merge(graphdef, state.params, state.batch_stats))
+    checkpoints.save(mngr, step, tree, {'step': step, **(metrics or {})}, state.opt_state, metrics)
+    saved_step = step
+
+  metrics, last, step = {}, None, start.step
   try:
-    for step in range(start + 1, n_steps + 1):
+    for step in range(start.step + 1, n_steps + 1):
       batch = global_batch(next(batches), mesh)
       previous = last
       state, last = step_fn(state, batch, key)
       if previous is not None:  # One step in flight: the bar counts finished steps, the host stays ahead.
         jax.block_until_ready(previous['loss'])
-      if step % int(cfg.log_interval) == 0 or step == n_steps:
+      for hook in hooks:
+        hook(step)
+      postfix, step_psnr = {}, None
+      if actions.log(step):
+        _check_finite(state, mngr)
         metrics = {k: float(v) for k, v in jax.device_get(last).items()}
-        _check_finite(state, workdir)
-        metrics['steps_per_s'] = int(cfg.log_interval) / max(time.time() - t0, 1e-9)
-        t0 = time.time()
-        log.write(step, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.1f}", nll=f"{metrics['nll']:.1f}", kl_y=f"{metrics['kl_y_0']:.2f}",
-                        kl_z=f"{metrics['kl_z']:.2f}", val_psnr=f'{val_psnr:.2f}', refresh=False)
-      if step % int(cfg.val_interval) == 0 or step == n_steps:
-        val_psnr = validate(val_fn, state, val_batches(), key, mesh, workdir, step, cfg, graphdef, is_main)
-        log.write(step, {'val_psnr': val_psnr})
-        if val_psnr > best_psnr:
-          best_psnr = val_psnr
-          if int(jax.device_get(state.bad_step)) < 0:
-            checkpoints.save(best, step, _host_model_tree(graphdef, state), {'step': step, 'val_psnr': val_psnr})
-      if step % ckpt_every == 0 or step == n_steps:
-        save_latest(step)
-      bar.update(1)
-  except KeyboardInterrupt:
-    logging.warning('interrupted at step %d; saving', step)
-    save_latest(int(jax.device_get(state.step)))
-    raise
+        writer.write_scalars(step, metrics)
+        postfix = dict(loss=f"{metrics['loss']:.1f}", nll=f"{metrics['nll']:.1f}",
+                       kl_y=f"{metrics['kl_y_0']:.2f}", kl_z=f"{metrics['kl_z']:.2f}")
+      if actions.validate(step):
+        if stop.requested():
+          console.line(f'validation of step {step} not run (interrupted); the checkpoint of step {step} has no '
+                       'validation PSNR and cannot be the best')
+        else:
+          _check_finite(state, mngr)
+          with report.timed('validation'):
+            step_psnr = validate(val_fn, state, val_batches(), key, mesh, workdir, step, cfg, graphdef, is_main)
+          val_psnr = step_psnr
+          postfix['val_psnr'] = _describe_psnr(step_psnr)
+      if actions.checkpoint(step):
+        finite = step_psnr is not None and math.isfinite(step_psnr)
+        save(step, {checkpoints.METRIC: step_psnr} if finite else None)
+        if step_psnr is not None:
+          _report_validation(console, writer, mngr, step, step_psnr)
+      console.update(1, **postfix)
+      if stop.requested():
+        break
+  except KeyboardInterrupt:  # Raised by a data pipeline (signals only set the flag): the state is whole.
+    stop.signum = stop.signum or signal.SIGINT
   finally:
-    latest.wait_until_finished()
-    best.wait_until_finished()
-    bar.close()
-  return dict(metrics, val_psnr=val_psnr, best_val_psnr=best_psnr)
+    console.close()
+    if stop.signum is None:
+      mngr.wait_until_finished()
+      writer.flush()
+  if stop.signum is not None:
+    try:
+      _stop_and_save(stop.signum, state, save, saved_step, mngr, console)
+    finally:
+      mngr.wait_until_finished()
+      writer.flush()
+  best = mngr.best_step()
+  best_psnr = (mngr.metrics(best) or {}).get(checkpoints.METRIC) if best is not None else None
+  console.line(f'done: step {n_steps}; checkpoints {sorted(mngr.all_steps())} in {mngr.directory}'
+               + (f'; best validation PSNR {best_psnr:.2f} (step {best})' if best_psnr is not None else ''))
+  return dict(metrics, val_psnr=val_psnr if val_psnr is not None else math.nan,
+              best_val_psnr=best_psnr if best_psnr is not None else math.nan)
+
+
+def _describe_psnr(value: float) -> str:
+  return f'{value:.2f}' if math.isfinite(value) else 'non-finite'
+
+
+def _report_validation(console: Console, writer, mngr, step: int, val_psnr: float) -> None:
+  """Logs one validation: its PSNR, or that it is non-finite (never a best)."""
+  if not math.isfinite(val_psnr):
+    console.line(f'step {step}: validation PSNR is non-finite ({val_psnr}); this checkpoint never counts as best')
+    return
+  writer.write_scalars(step, {checkpoints.METRIC: val_psnr})
+  best = ' (best so far)' if mngr.best_step() == step else ''
+  console.line(f'step {step}: validation PSNR {val_psnr:.2f}{best}')
+
+
+def _stop_and_save(signum: int, state: TrainState, save, saved_step: int | None, mngr, console) -> None:
+  """After SIGINT/SIGTERM: saves the last finished step (valid, never a donated buffer) and raises Interrupted."""
+  name = signal.Signals(signum).name
+  if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+    message = f'{name}: stopped; the state was lost mid-step, nothing saved (checkpoints: {mngr.all_steps()})'
+  else:
+    step = int(jax.device_get(state.step))
+    if step == 0:
+      message = f'{name}: stopped before the first step; nothing to save'
+    else:
+      if saved_step != step:
+        save(step)
+      mngr.wait_until_finished()
+      message = f'{name}: saved step {step} in {mngr.directory}; rerun the same command to resume'
+  console.line(message)
+  raise Interrupted(message, signum)
 
 
 def validate(val_fn, state: TrainState, batches: Iterator[np.ndarray], key, mesh: Mesh, workdir: str, step: int,

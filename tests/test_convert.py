@@ -265,7 +265,14 @@ def _list_bytes(tmp_path):
   return path.read_bytes()
 
 
+def _wrong_rank(sd):
+  sd = dict(sd)
+  sd['q_z.weight'] = sd['q_z.weight'][None]  # A tensor with one dimension too many.
+  return sd
+
+
 ERROR_CASES = {
+    'wrong_rank': (dict(sd=_wrong_rank), ['q_z.weight', '(1, 12, 32)', '(12, 32)']),
     'missing_keys': (dict(sd=_missing), ['missing keys', 'q_z.weight', 'encoder.conv.1.1.running_var']),
     'unexpected_keys': (dict(sd=_unexpected), ['unexpected keys', 'extra.weight']),
     'wrong_shape': (dict(sd=_wrong_shape), ['q_z.bias', '(5,)', '(12,)']),

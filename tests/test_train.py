@@ -148,6 +148,12 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
   assert s1 == s2 == 6
   for a, b in zip(full, resumed):
     np.testing.assert_array_equal(a, b)
+  # The logged learning rate is the one each update used (the optimizer's, at its own count).
+  with open(tmp_path / 'full' / 'metrics.jsonl', encoding='utf-8') as f:
+    lrs = {r['step']: r['lr'] for r in map(json.loads, f) if 'lr' in r}
+  schedule = train.make_lr(cfg)
+  assert lrs == pytest.approx({s: float(schedule(s - 1)) for s in range(1, 7)}, rel=1e-6)
+  assert lrs[6] == 0.0
 
 
 def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
@@ -174,14 +180,15 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
   step, leaves = _params(str(tmp_path))
   assert step == 2 and all(np.isfinite(a).all() for a in leaves)
 
-
-def test_config_typo_is_a_clear_error(tmp_path):
-  res = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/quickstart.py', '--workdir',
-                        str(tmp_path), '--config.nff=3'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert res.returncode != 0
-  assert 'nff' in res.stderr
-  with pytest.raises(config_lib.ConfigError, match='unknown config key'):
-    config_lib.validate({**config_lib.default_config(), 'nff': 3})
+  def poisoned_first(start):  # Step 1 is bad: there is no good checkpoint to speak of.
+    inner = good(start)
+    while True:
+      yield np.full_like(next(inner), np.nan)
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(cfg, str(tmp_path / 'first'), train_batches=poisoned_first,
+                             val_batches=lambda: iter(()), progress=False)
+  assert 'step 1' in str(e.value) and 'no checkpoint had been written yet' in str(e.value)
+  assert 'last good checkpoint' not in str(e.value)
 
 
 @pytest.mark.parametrize('name,params', [('smmnist', 10_678_284), ('mmnist_deterministic', 10_678_284),
@@ -194,6 +201,7 @@ def test_paper_configs_build_the_paper_models(name, params):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
+  config_lib.validate(cfg)  # launch.py validates once, after the command line's overrides.
   model = nnx.eval_shape(lambda: build_model(cfg, 0))
   assert param_count(model) == params
   with pytest.raises(AttributeError):
@@ -218,14 +226,115 @@ def test_short_training_run_lowers_the_loss(tmp_path):
   assert late < 0.5 * early, (early, late)
 
 
-def test_periodic_checkpoints_are_kept(tmp_path):
-  """keep_checkpoints newest ones, plus every multiple of keep_period."""
+def _save_steps(workdir, steps, psnr, keep=2, keep_period=0):
+  """Saves tiny checkpoints at ``steps`` with validation PSNR ``psnr[step]`` (None: not validated)."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  mngr = checkpoints.manager(str(tmp_path), checkpoints.LATEST_DIR, 2, keep_period=4)
-  for step in range(1, 11):
-    checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step})
+  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
+  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, keep, keep_period=keep_period)
+  for step in steps:
+    value = psnr.get(step)
+    checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step},
+                     metrics=None if value is None else {checkpoints.METRIC: value})
   mngr.wait_until_finished()
-  assert sorted(mngr.all_steps()) == [4, 8, 9, 10]
+  return mngr
+
+
+def test_one_manager_keeps_latest_periodic_and_best(tmp_path):
+  """keep_checkpoints newest, every multiple of keep_period, and the best finite validation PSNR."""
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  psnr = {3: 20.0, 6: 25.0, 9: float('nan'), 12: 22.0}  # Step 9's validation is non-finite: never the best.
+  mngr = _save_steps(str(tmp_path), range(1, 14), psnr, keep=2, keep_period=4)
+  assert sorted(mngr.all_steps()) == [4, 6, 8, 12, 13]  # 12, 13 newest; 4, 8, 12 periodic; 6 best.
+  assert mngr.best_step() == 6
+  assert checkpoints.resolve_step(str(tmp_path), 'best') == (checkpoints.LATEST_DIR, 6)
+  assert checkpoints.resolve_step(str(tmp_path), 'latest') == (checkpoints.LATEST_DIR, 13)
+  assert checkpoints.resolve_step(str(tmp_path), '8') == (checkpoints.LATEST_DIR, 8)
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'available: \[4, 6, 8, 12, 13\]'):
+    checkpoints.resolve_step(str(tmp_path), '9')
+  # Only non-finite validations: no best, and 'best' says which checkpoints exist.
+  nan_only = str(tmp_path / 'nan')
+  _save_steps(nan_only, (2, 4), {2: float('nan')})
+  with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'no validated checkpoint.*\[2, 4\].*latest'):
+    checkpoints.resolve_step(nan_only, 'best')
+
+
+def _tiny_run(workdir, cfg, **kw):
+  return train.train_and_evaluate(cfg, workdir, train_batches=kw.pop('batches', step_indexed()),
+                                  val_batches=kw.pop('val', lambda: iter(())), progress=False, **kw)
+
+
+def test_truncated_or_corrupt_checkpoints(tmp_path, capsys):
+  """A truncated latest checkpoint: evaluation says corrupt/truncated; training resumes from the newest
+  intact one (saying which was skipped) and ends as the uninterrupted run. Flipped bytes or non-finite
+  values: one line saying the checkpoint is corrupt."""
+  import glob  # pylint: disable=import-outside-toplevel
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  _tiny_run(workdir, tiny_config())  # Checkpoints 2, 4, 6.
+  _, final = _params(workdir)
+  data = lambda step: max(glob.glob(os.path.join(workdir, 'checkpoints', str(step), 'model', '*', 'd', '*')),
+                          key=os.path.getsize)
+  path = data(6)
+  with open(path, 'rb') as f:
+    raw = f.read()
+  with open(path, 'wb') as f:
+    f.write(raw[:len(raw) // 2])
+  with pytest.raises(checkpoints.CorruptCheckpointError, match='corrupt or truncated') as e:
+    checkpoints.load_model(workdir, 'latest')
+  assert 'does not match' not in str(e.value) and '\n' not in str(e.value)
+  path = data(4)
+  with open(path, 'rb') as f:
+    raw = bytearray(f.read())
+  for i in range(0, len(raw), 97):
+    raw[i] ^= 0xFF
+  with open(path, 'wb') as f:
+    f.write(bytes(raw))
+  with pytest.raises(checkpoints.CorruptCheckpointError, match='corrupt'):
+    checkpoints.load_model(workdir, '4')
+  capsys.readouterr()
+  _tiny_run(workdir, tiny_config())
+  err = capsys.readouterr().err
+  assert 'skipped step 6' in err and 'skipped step 4' in err and 'resuming at step 2' in err, err
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', 'corrupt_6'))  # Kept aside, not deleted.
+  step, resumed = _params(workdir)
+  assert step == 6
+  for a, b in zip(final, resumed):
+    np.testing.assert_array_equal(a, b)
+  # Non-finite values in an otherwise readable checkpoint.
+  nan_dir = str(tmp_path / 'nan')
+  cfg = config_lib.with_overrides(**TINY)
+  checkpoints.save_config(nan_dir, cfg)
+  model = build_model(cfg, jax.random.key(0))
+  tree = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.asarray(x).dtype)
+                      if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
+                      checkpoints.model_tree(model))
+  os.makedirs(os.path.join(nan_dir, checkpoints.LATEST_DIR))
+  mngr = checkpoints.manager(nan_dir)
+  checkpoints.save(mngr, 1, tree, {'step': 1})
+  mngr.wait_until_finished()
+  with pytest.raises(checkpoints.CorruptCheckpointError, match='corrupt: non-finite values'):
+    checkpoints.load_model(nan_dir, 'latest')
+
+
+def test_config_contradicting_the_checkpoints_is_refused_before_writing(tmp_path):
+  workdir = str(tmp_path / 'run')
+  _tiny_run(workdir, tiny_config(lr_scheduling_burnin=2, lr_scheduling_n_iter=0))
+  before = _snapshot(workdir)
+  with pytest.raises(config_lib.ConfigError, match=r'another model \(nf: 8 -> 16; nhx: 16 -> 32\)'):
+    _tiny_run(workdir, tiny_config(nf=16, nhx=32))
+  assert _snapshot(workdir) == before
+
+
+def _snapshot(folder):
+  """Every file under ``folder`` with its bytes' hash and mtime: "untouched" means equal snapshots."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, 'rb') as f:
+        out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
+  return out
 
 
 def test_validation_draws_exactly_n_samples_whatever_the_chunk():
@@ -241,3 +350,61 @@ def test_validation_draws_exactly_n_samples_whatever_the_chunk():
     results.append(np.asarray(val_fn(params, stats, x, key)))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
   np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
+
+
+def test_periodic_actions_validate_at_the_official_times_only():
+  """Validation at multiples of val_interval (not at a last step that is not one); a checkpoint at
+  every validation, every chkpt_interval steps and at the end; logs every log_interval steps and at the end."""
+  actions = train.PeriodicActions.from_config(tiny_config(lr_scheduling_burnin=20, lr_scheduling_n_iter=5,
+                                                          val_interval=10, chkpt_interval=4, log_interval=3))
+  steps = range(1, 26)
+  assert [s for s in steps if actions.validate(s)] == [10, 20]
+  assert [s for s in steps if actions.checkpoint(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
+  assert [s for s in steps if actions.log(s)] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+  default = train.PeriodicActions.from_config(tiny_config(val_interval=3, chkpt_interval=0))
+  assert [s for s in range(1, 7) if default.checkpoint(s)] == [3, 6]  # Default: every validation (+ the end).
+  with pytest.raises(config_lib.ConfigError, match='val_interval=0'):
+    config_lib.validate(tiny_config(val_interval=0))
+  with pytest.raises(config_lib.ConfigError, match='profile_steps=-1'):
+    config_lib.validate(tiny_config(profile_steps=-1))
+
+
+def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_path):
+  """checkpoints/<step> + best/<step> (the earlier layout): load_model reads both; training refuses in one
+  line that says how to go on (init_from), which then starts from its best model (model part only)."""
+  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
+  old = str(tmp_path / 'old')
+  cfg = config_lib.with_overrides(**TINY)
+  checkpoints.save_config(old, cfg)
+  trees = {}
+  for sub, step, seed in ((checkpoints.LATEST_DIR, 4, 1), (checkpoints.BEST_DIR, 2, 2)):
+    trees[step] = checkpoints.model_tree(build_model(cfg, jax.random.key(seed)))
+    mngr = checkpoints.manager(old, sub)
+    checkpoints.save(mngr, step, trees[step], {'step': step}, opt_state=None)
+    mngr.wait_until_finished()
+  for which, step in (('best', 2), ('latest', 4), ('4', 4)):
+    model, _, got = checkpoints.load_model(old, which)
+    assert got == step
+    for a, b in zip(jax.tree.leaves(checkpoints.model_tree(model)), jax.tree.leaves(trees[step])):
+      np.testing.assert_array_equal(a, b)
+  before = _snapshot(old)
+  with pytest.raises(config_lib.ConfigError, match='earlier checkpoint layout.*init_from='):
+    _tiny_run(old, tiny_config())
+  assert _snapshot(old) == before
+  new = str(tmp_path / 'new')
+  _tiny_run(new, tiny_config(init_from=old, lr_scheduling_burnin=1, lr_scheduling_n_iter=0), tx=optax.set_to_zero())
+  model, _, _ = checkpoints.load_model(new, 'latest')
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  source = nnx.to_pure_dict(nnx.state(checkpoints.load_model(old, 'best')[0], nnx.Param))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(source)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_non_finite_validation_is_reported_and_never_best(tmp_path, capsys):
+  mngr = _save_steps(str(tmp_path), [2], {2: float('nan')})
+  console = train.Console(10, 2, show_bar=False, is_main=True)
+  writer = train.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
+  train._report_validation(console, writer, mngr, 2, float('nan'))  # pylint: disable=protected-access
+  err = capsys.readouterr().err
+  assert err.strip() == 'step 2: validation PSNR is non-finite (nan); this checkpoint never counts as best'
+  assert mngr.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()

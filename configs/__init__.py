@@ -1,0 +1,5 @@
+"""The paper setups and the quick start: each module's ``get_config()`` returns a locked config.
+
+``launch.py --config configs/NAME.py`` loads one by path (``ml_collections.config_flags``), applies
+``--config.KEY=VALUE`` overrides and validates the result once; ``import configs.NAME`` works too.
+"""

@@ -1,0 +1,292 @@
+"""launch.py as a user runs it: one line per bad input and an untouched workdir, a quiet console,
+SIGINT/SIGTERM saves, and two processes (jax.distributed on localhost) against one."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from srvp_jax import checkpoints
+from srvp_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The quick start, tiny: a few seconds per step on 2 CPU cores, mostly compilation.
+TINY_FLAGS = ['--config.nf=8', '--config.nhx=16', '--config.ny=4', '--config.nz=4', '--config.nh_inf=16',
+              '--config.nh_res=16', '--config.nt_inf=2', '--config.nt_cond=2', '--config.seq_len=6',
+              '--config.batch_size=4', '--config.num_data_workers=1', '--config.n_samples_test=2',
+              '--config.val_sample_chunk=2', '--config.batch_size_test=2', '--config.n_iter_test=1',
+              '--config.n_val_videos_gif=2']
+
+
+def launch_cmd(workdir, *flags, config='configs/quickstart.py'):
+  return [sys.executable, 'launch.py', '--config', config, '--workdir', str(workdir), *flags]
+
+
+def run_launch(workdir, *flags, config='configs/quickstart.py', timeout=600):
+  return subprocess.run(launch_cmd(workdir, *flags, config=config), cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, check=False)
+
+
+def snapshot(folder):
+  """Every file under ``folder`` with its bytes' hash and mtime: "untouched" means equal snapshots."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, 'rb') as f:
+        out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
+  return out
+
+
+def assert_one_line(res, *needles, code=2):
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == code and len(lines) == 1 and lines[0].startswith('error: '), res.stderr
+  assert 'Traceback' not in res.stderr
+  for needle in needles:
+    assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize('flags,needles', [
+    (['--config.nff=3'], ["unknown config key 'nff'", "did you mean 'nf'?"]),
+    (['--config.val_intervl=10'], ["did you mean 'val_interval'?"]),
+    (['--config.val_interval=0'], ['val_interval=0 must be a positive integer']),
+    (['--config.log_interval=0'], ['log_interval=0 must be a positive integer']),
+    (['--config.nf=abc'], ['nf']),
+])
+def test_bad_flags_are_one_line_and_leave_no_workdir(tmp_path, flags, needles):
+  res = run_launch(tmp_path / 'run', *flags)
+  assert_one_line(res, *needles)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+  res = run_launch(tmp_path / 'run', config='configs/quickstrat.py')
+  assert_one_line(res, 'config file not found: configs/quickstrat.py', 'did you mean configs/quickstart.py?')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_data_error_comes_first_and_leaves_no_workdir(tmp_path):
+  res = run_launch(tmp_path / 'run', '--config.digits_source=idx', f'--config.data_dir={tmp_path / "nodata"}')
+  assert res.returncode == 2 and 'Traceback' not in res.stderr, res.stderr
+  errors = [l for l in res.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and str(tmp_path / 'nodata') in errors[0], res.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def _quickstart_config(**overrides):
+  import importlib  # pylint: disable=import-outside-toplevel
+  cfg = importlib.import_module('configs.quickstart').get_config()  # configs is a package: no sys.path edits.
+  cfg.unlock()
+  cfg.update(overrides)
+  config_lib.validate(cfg)
+  return cfg
+
+
+def test_relaunch_contradicting_the_checkpoints_is_refused_untouched(tmp_path):
+  """A run made with nf=16, relaunched with --config.nf=8: one line naming nf, nothing written."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / 'run')
+  cfg = _quickstart_config()
+  checkpoints.save_config(workdir, cfg)
+  model = nnx.eval_shape(lambda: build_model(cfg))
+  zeros = __import__('jax').tree.map(lambda v: np.zeros(v.shape, v.dtype), checkpoints.model_tree(model))
+  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR))
+  mngr = checkpoints.manager(workdir)
+  checkpoints.save(mngr, 10, zeros, {'step': 10})
+  mngr.wait_until_finished()
+  before = snapshot(workdir)
+  res = run_launch(workdir, '--config.nf=8')
+  assert_one_line(res, 'holds checkpoints of another model', 'nf: 16 -> 8')
+  assert snapshot(workdir) == before
+  # --verbosity brings the library logs (here orbax's) back; the error is still one line, printed once.
+  res = run_launch(workdir, '--config.nf=8', '--verbosity=0')
+  lines = res.stderr.strip().splitlines()
+  assert res.returncode == 2 and any('checkpoint_manager.py' in l for l in lines), res.stderr
+  assert sum(l.startswith('error: ') for l in lines) == 1 and lines[-1].startswith('error: ')
+  assert snapshot(workdir) == before
+
+
+def test_quick_start_run_is_quiet_and_keeps_latest_periodic_best(tmp_path):
+  """8 steps, 2 validations: a handful of lines, no library logs, no nan; checkpoints as the policy says."""
+  workdir = tmp_path / 'run'
+  res = run_launch(workdir, *TINY_FLAGS, '--config.lr_scheduling_burnin=6', '--config.lr_scheduling_n_iter=2',
+                   '--config.val_interval=4', '--config.chkpt_interval=2', '--config.keep_checkpoints=1',
+                   '--config.keep_period=3', '--config.log_interval=2')
+  assert res.returncode == 0, res.stderr
+  lines = res.stderr.strip().splitlines() + res.stdout.strip().splitlines()
+  assert len(lines) <= 20, lines
+  text = '\n'.join(lines)
+  assert 'nan' not in text.lower() and 'Traceback' not in text and 'orbax' not in text and 'I0000' not in text, text
+  assert sum(l.startswith('step ') and 'validation PSNR' in l for l in lines) == 2, text
+  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+    records = [json.loads(l) for l in f]
+  psnr = {r['step']: r['val_psnr'] for r in records if 'val_psnr' in r}
+  assert sorted(psnr) == [4, 8]
+  best = max(psnr, key=psnr.get)
+  # Saved at 2, 4, 6, 8: kept the newest (8), the multiples of keep_period (6) and the best.
+  assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints')) == sorted({6, 8, best})
+  assert checkpoints.resolve_step(str(workdir), 'best')[1] == best
+  assert checkpoints.load_model(str(workdir), 'latest')[2] == 8
+  assert os.path.isfile(workdir / 'samples' / 'val_00000004.gif')
+
+
+class _Run:
+  """launch.py in the background, its stderr collected line by line."""
+
+  def __init__(self, workdir, *flags):
+    self.proc = subprocess.Popen(launch_cmd(workdir, *flags), cwd=ROOT, stderr=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, text=True)
+    self.lines = []
+    self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True)
+    self.reader.start()
+
+  def wait_for(self, predicate, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+      if predicate():
+        return
+      if self.proc.poll() is not None:
+        raise AssertionError(f'launch.py ended early: {"".join(self.lines)}')
+      time.sleep(0.05)
+    self.proc.kill()
+    raise AssertionError(f'timed out: {"".join(self.lines)}')
+
+  def finish(self, timeout=300):
+    rc = self.proc.wait(timeout)
+    self.reader.join(10)
+    return rc, ''.join(self.lines)
+
+
+def _losses(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.isfile(path):
+    return 0
+  with open(path, encoding='utf-8') as f:
+    return sum('"loss"' in l for l in f)
+
+
+@pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
+def test_signal_saves_a_valid_state_and_exits_cleanly(tmp_path, sig):
+  """SIGINT during the first compilation, SIGTERM between steps (right after a donated step):
+  the step actually finished is saved and named, no traceback, exit status 128 + signal."""
+  workdir = tmp_path / 'run'
+  flags = [*TINY_FLAGS, '--config.lr_scheduling_burnin=100000', '--config.log_interval=1',
+           '--config.val_interval=100000', '--config.chkpt_interval=100000']
+  run = _Run(workdir, *flags)
+  if sig == 'SIGINT':
+    run.wait_for(lambda: any('training from step 0' in l for l in run.lines))  # Compilation starts.
+  else:
+    run.wait_for(lambda: _losses(workdir) >= 3)
+  run.proc.send_signal(getattr(signal, sig))
+  rc, err = run.finish()
+  assert rc == 128 + getattr(signal, sig), err
+  assert 'Traceback' not in err and 'Segmentation' not in err, err
+  saved = [l for l in err.splitlines() if l.startswith(f'{sig}: saved step ')]
+  assert len(saved) == 1, err
+  step = int(saved[0].split('saved step ')[1].split()[0])
+  assert step >= (1 if sig == 'SIGINT' else 3)
+  assert checkpoints.load_model(str(workdir), 'latest')[2] == step
+  # Resuming continues from there.
+  run = _Run(workdir, *flags)
+  run.wait_for(lambda: any(f'resuming at step {step}' in l for l in run.lines))
+  run.proc.send_signal(signal.SIGTERM)
+  rc, err = run.finish()
+  assert rc == 128 + signal.SIGTERM and 'Traceback' not in err, err
+
+
+_DRIVER = r'''
+import os, sys
+n_dev, workdir, kill_at, root = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_dev}'
+os.environ['JAX_PLATFORMS'] = 'cpu'
+import numpy as np
+import launch
+from srvp_jax import config as C
+cfg = C.with_overrides(**%s, distributed='JAX_NUM_PROCESSES' in os.environ)
+if cfg.distributed:
+  launch.initialize_distributed(cfg)  # From JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+import jax
+from srvp_jax import train
+p, n = jax.process_index(), jax.process_count()
+assert jax.device_count() == 4 and jax.local_device_count() == n_dev
+
+
+def batches(start):  # Batch k is a function of k; each process feeds its own slice.
+  k = start
+  while True:
+    if k == kill_at:
+      raise KeyboardInterrupt
+    x = np.random.default_rng([0, k]).uniform(size=(8, 6, 64, 64, 1)).astype(np.float32)
+    yield x[p * 8 // n:(p + 1) * 8 // n]
+    k += 1
+
+try:
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter(()), progress=False)
+except train.Interrupted as e:
+  print('exit code', e.exit_code, flush=True)
+  kill_at = -1  # Resume (a new train_and_evaluate: restored from the checkpoint on disk) to the end.
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter(()), progress=False)
+'''
+DIST = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
+            lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2, log_interval=1)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _two_processes(script, workdir, kill_at, alongside=None):
+  port = _free_port()
+  procs = []
+  for pid in range(2):
+    env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid), PYTHONPATH=ROOT)
+    procs.append(subprocess.Popen([sys.executable, str(script), '2', str(workdir), str(kill_at), ROOT], cwd=ROOT,
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  if alongside is not None:
+    alongside.communicate(timeout=600)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  return [p.returncode for p in procs], outs
+
+
+def test_two_processes_equal_one_process_with_four_devices(tmp_path):
+  """jax.distributed on localhost (CPU collectives, 2 devices per process): a run killed at step 3 and
+  resumed ends with the losses and parameters of one process with 4 devices; only process 0 writes logs."""
+  script = tmp_path / 'driver.py'
+  script.write_text(_DRIVER % repr(DIST))
+  one, two = tmp_path / 'one', tmp_path / 'two'
+  with open(tmp_path / 'reference.log', 'w', encoding='utf-8') as log:
+    reference = subprocess.Popen([sys.executable, str(script), '4', str(one), '-1', ROOT], cwd=ROOT, text=True,
+                                 env=dict(os.environ, PYTHONPATH=ROOT), stdout=log, stderr=subprocess.STDOUT)
+    codes, outs = _two_processes(script, two, kill_at=3, alongside=reference)  # The reference runs meanwhile.
+  assert reference.returncode == 0, (tmp_path / 'reference.log').read_text()
+  assert codes == [0, 0], outs
+  for out in outs:
+    assert out.count('exit code 130') == 1, out  # Both processes stopped at step 3 (Ctrl-C) ...
+  assert 'SIGINT: saved step 3' in outs[0] and 'saved step' not in outs[1], outs  # ... process 0 speaks.
+  assert 'resuming at step 3' in outs[0]  # ... and resumed from the checkpoint of step 3.
+
+  def losses(workdir):
+    with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+      return [(r['step'], r['loss']) for r in map(json.loads, f) if 'loss' in r]
+  l1, l2 = losses(one), losses(two)
+  assert [s for s, _ in l2] == [1, 2, 3, 4, 5, 6]  # Once per step: only process 0 writes.
+  np.testing.assert_allclose([l for _, l in l1], [l for _, l in l2], rtol=1e-6)
+  m1, _, s1 = checkpoints.load_model(str(one), 'latest')
+  m2, _, s2 = checkpoints.load_model(str(two), 'latest')
+  assert s1 == s2 == 6
+  a, b = (__import__('jax').tree.leaves(checkpoints.model_tree(m)) for m in (m1, m2))
+  scale = max(float(np.abs(np.asarray(x)).max()) for x in a)
+  for x, y in zip(a, b):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=2e-3 * scale)
