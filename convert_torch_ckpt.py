@@ -75,6 +75,9 @@ def to_ours(checkpoint: str, config_path: str, out: str) -> str:
 
 def to_torch(workdir: str, which: str, out: str) -> str:
   """Our folder ``workdir`` (checkpoint ``which``) -> official ``out/model.pt`` + ``out/config.json``."""
+  if os.path.isdir(workdir) and checkpoints.is_official_folder(workdir):
+    raise checkpoints.CheckpointNotFoundError(f'{workdir} is already an official experiment folder (config.json + '
+                                              '.pt): nothing to export; drop --to_torch to convert it to ours')
   model, cfg, step = checkpoints.load_model(workdir, which)
   os.makedirs(out, exist_ok=True)
   model_path = os.path.join(out, OFFICIAL_MODEL)

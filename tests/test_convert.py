@@ -323,7 +323,7 @@ def test_export_and_usage_errors(tmp_path, capsys):
       ([str(tmp_path / 'nowhere'), '--out', str(tmp_path / 'o')], ['experiment folder not found', 'nowhere']),
       ([str(tmp_path / 'nowhere'), '--to_torch', '--out', str(tmp_path / 'o')], ['checkpoint folder not found']),
       ([str(tmp_path), '--to_torch', '--out', str(tmp_path / 'o')], ['neither srvp_config.json nor config.json']),
-      ([GOLDEN_DCGAN, '--to_torch', '--out', str(tmp_path / 'o')], ['no checkpoint in']),
+      ([GOLDEN_DCGAN, '--to_torch', '--out', str(tmp_path / 'o')], ['already an official experiment folder']),
       ([converted, '--to_torch', '--checkpoint', '7', '--out', str(tmp_path / 'o')],
        ['no checkpoint for step 7', 'available: [0]']),
       ([GOLDEN_DCGAN, '--out', converted], ['already holds checkpoints']),

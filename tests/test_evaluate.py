@@ -59,19 +59,19 @@ def _random_tree(model, seed):
 
 
 def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
-  """A folder with the layout training writes: configs, checkpoints/<step>/, best/<step>/ (random models)."""
+  """A folder with the layout training writes (random models): configs and one orbax manager whose
+  ``best_steps`` carry a validation PSNR (the best-checkpoint policy ranks them) and ``steps`` do not."""
   checkpoints.save_config(workdir, cfg)
   model = nnx.eval_shape(lambda: build_model(cfg))
+  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
+  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, max_to_keep=None)
   trees = {}
-  for sub, sub_steps in ((checkpoints.LATEST_DIR, steps), (checkpoints.BEST_DIR, best_steps)):
-    if not sub_steps:
-      continue
-    mngr = checkpoints.manager(workdir, sub)
-    for step in sub_steps:
-      trees[sub, step] = _random_tree(model, seed + step)
-      checkpoints.save(mngr, step, trees[sub, step], meta={'step': step})
-    mngr.wait_until_finished()
-    mngr.close()
+  for step in sorted(set(steps) | set(best_steps)):
+    trees[step] = _random_tree(model, seed + step)
+    metrics = {'val_psnr': 30.0 + step} if step in best_steps else None
+    checkpoints.save(mngr, step, trees[step], meta={'step': step}, metrics=metrics)
+  mngr.wait_until_finished()
+  mngr.close()
   return trees
 
 
@@ -306,11 +306,11 @@ def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir):
   """A run stopped before its first validation has latest checkpoints only: --checkpoint best says so."""
   workdir = str(tmp_path / 'run')
   write_checkpoint_folder(workdir, tiny_config(), steps=(2,))
-  os.makedirs(os.path.join(workdir, checkpoints.BEST_DIR))
   proc = subprocess.run([sys.executable, '-m', 'srvp_jax.evaluate', workdir, '--data_dir', mmnist_dir, '--checkpoint',
                          'best'], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
   assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
-  assert 'has step(s) [2]: use --checkpoint latest' in proc.stderr.strip().splitlines()[-1]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert 'no validated checkpoint' in last and '[2]' in last and '--checkpoint latest' in last, last
 
 
 def test_fvd_on_fewer_than_16_videos_says_why_it_is_not_comparable():
