@@ -33,12 +33,28 @@ TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh
             nlayers_res=2, n_euler_steps=1, nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=2,
             batch_size_test=2, n_iter_test=1, n_samples_test=2, val_sample_chunk=2, val_interval=2,
             chkpt_interval=2, log_interval=1, lr_scheduling_burnin=2, lr_scheduling_n_iter=0, num_data_workers=1)
+# Per dataset: (--nt_gen of the evaluation, more config overrides).
+# Human3.6M takes BAIR's obs_scale and res_gain: the two then compile the same programs (see STAGES).
+EXTRA = {'kth': (KTH_TEST['seq_len'], {}),
+         'human': (HUMAN_TEST['seq_len'], {'subsampling': HUMAN_SUB, 'obs_scale': 0.71, 'res_gain': 1.41}),
+         'bair': (BAIR_NT_GEN, {})}
 
 
-def _run(argv):
-  """A fresh Python process in the repository root (CPU JAX; the compilation cache of conftest.py)."""
-  return subprocess.run([sys.executable] + argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                        capture_output=True, text=True, timeout=300)
+def _start(argv, log):
+  """A fresh Python process in the repository root (CPU JAX; the compilation cache of conftest.py), output to log."""
+  with open(log, 'w', encoding='utf-8') as f:
+    return subprocess.Popen([sys.executable] + argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                            stdout=f, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(processes):
+  """Waits for {name: (process, log)}; returns {name: (exit status, output)}."""
+  out = {}
+  for name, (process, log) in processes.items():
+    code = process.wait(timeout=300)
+    with open(log, encoding='utf-8') as f:
+      out[name] = code, f.read()
+  return out
 
 
 def _data_cli(capsys, *argv):
@@ -49,30 +65,66 @@ def _data_cli(capsys, *argv):
   return out.out
 
 
-def _train_and_evaluate(tmp_path, dataset, data_dir, nt_gen, n_test, **overrides):
-  """launch.py for 2 steps on ``data_dir``, then ``python -m srvp_jax.evaluate``; checks what they write."""
-  workdir = str(tmp_path / 'run')
-  flags = [f'--config.{k}={v}' for k, v in {**TINY, **overrides, 'data_dir': data_dir}.items()]
-  res = _run(['launch.py', '--config', f'configs/{dataset}.py', '--workdir', workdir] + flags)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert 'note:' not in res.stderr  # Trained from the store (no hint to prepare it).
-  with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
+# Processes of the end-to-end runs, stage by stage; a stage's processes run side by side (their time is mostly
+# single-threaded start-up and compilation). BAIR comes after Human3.6M: same model, shapes and loss (EXTRA), so
+# it finds Human3.6M's compiled programs in the compilation cache.
+STAGES = ((('kth', 'train'), ('human', 'train')), (('kth', 'eval'), ('human', 'eval'), ('bair', 'train')),
+          (('bair', 'eval'),))
+
+
+@pytest.fixture(scope='module')
+def runs(request, tmp_path_factory):
+  """launch.py (2 steps) then ``python -m srvp_jax.evaluate`` on each prepared dataset whose end-to-end test runs.
+
+  Returns {dataset: {'workdir', 'out', 'train': (status, output), 'eval': (status, output) or None}}.
+  """
+  selected = {item.name for item in request.session.items}
+  root = tmp_path_factory.mktemp('runs')
+  info = {}
+  for name in EXTRA:
+    if f'test_{name}_end_to_end' in selected:
+      info[name] = dict(data_dir=request.getfixturevalue(f'{name}_data')[0], workdir=str(root / f'{name}_run'),
+                        out=str(root / f'{name}_eval'), eval=None)
+
+  def argv(name, step):
+    d = info[name]
+    if step == 'train':
+      overrides = {**TINY, **EXTRA[name][1], 'data_dir': d['data_dir']}
+      return ['launch.py', '--config', f'configs/{name}.py', '--workdir', d['workdir']] + [
+          f'--config.{k}={v}' for k, v in overrides.items()]
+    return ['-m', 'srvp_jax.evaluate', d['workdir'], '--data_dir', d['data_dir'], '--metrics', 'psnr,ssim',
+            '--n_samples', '2', '--nt_gen', str(EXTRA[name][0]), '--n_show', '0', '--out', d['out'], '--no_progress']
+
+  for stage in STAGES:
+    started = {}
+    for name, step in stage:
+      if name in info and (step == 'train' or info[name]['train'][0] == 0):
+        log = str(root / f'{name}_{step}.log')
+        started[(name, step)] = (_start(argv(name, step), log), log)
+    for (name, step), result in _finish(started).items():
+      info[name][step] = result
+  return info
+
+
+def _check_run(run, dataset, nt_gen, n_test):
+  """What launch.py and evaluate wrote: 2 finite train steps, a validation, finite test metrics."""
+  code, output = run['train']
+  assert code == 0, output[-3000:]
+  assert 'note:' not in output  # Trained from the store (no hint to prepare it).
+  with open(os.path.join(run['workdir'], 'metrics.jsonl'), encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2]
   assert all(math.isfinite(r['loss']) for r in records if 'loss' in r)
   assert any(math.isfinite(r.get('val_psnr', math.nan)) for r in records)
-  out = str(tmp_path / 'eval')
-  res = _run(['-m', 'srvp_jax.evaluate', workdir, '--data_dir', data_dir, '--metrics', 'psnr,ssim', '--n_samples', '2',
-              '--nt_gen', str(nt_gen), '--n_show', '0', '--out', out, '--no_progress'])
-  assert res.returncode == 0, res.stderr[-3000:]
-  with open(os.path.join(out, 'results.json'), encoding='utf-8') as f:
+  code, output = run['eval']
+  assert code == 0, output[-3000:]
+  with open(os.path.join(run['out'], 'results.json'), encoding='utf-8') as f:
     report = json.load(f)
   assert report['config']['dataset'] == dataset and report['n_videos'] == n_test
   assert report['options']['nt_gen'] == nt_gen and report['options']['nt_cond'] == TINY['nt_cond']
   for metric in ('psnr', 'ssim'):
     assert math.isfinite(report['metrics'][metric]['mean']), report['metrics']
     assert len(report['per_frame'][metric]) == nt_gen - TINY['nt_cond']
-  return report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,9 +158,9 @@ def kth_data(tmp_path_factory):
   return root, videos
 
 
-def test_kth_from_avi_and_zip_end_to_end(kth_data, tmp_path):
-  data_dir, _ = kth_data
-  _train_and_evaluate(tmp_path, 'kth', data_dir, nt_gen=KTH_TEST['seq_len'], n_test=KTH_TEST['size'])
+def test_kth_end_to_end(runs):
+  """AVI files (two classes in their zip archives) -> prepare -> make_test_set -> launch.py -> evaluate."""
+  _check_run(runs['kth'], 'kth', nt_gen=KTH_TEST['seq_len'], n_test=KTH_TEST['size'])
 
 
 def test_kth_from_avi_splits_by_subject_and_official_test_draws(kth_data, capsys):
@@ -152,15 +204,16 @@ def human_data(tmp_path_factory):
   assert cli.main(['prepare', 'human', '--data_dir', root, '--no_progress']) == 0
   assert cli.main(['make_test_set', 'human', '--data_dir', root, '--size', str(HUMAN_TEST['size']), '--seq_len',
                    str(HUMAN_TEST['seq_len']), '--subsampling', str(HUMAN_SUB)]) == 0
-  return root
+  return root, None
 
 
-def test_human_from_mp4_end_to_end(human_data, tmp_path):
-  _train_and_evaluate(tmp_path, 'human', human_data, nt_gen=HUMAN_TEST['seq_len'], n_test=HUMAN_TEST['size'],
-                      subsampling=HUMAN_SUB)
+def test_human_end_to_end(runs):
+  """MP4 files -> prepare -> make_test_set -> launch.py (subsampling 2) -> evaluate."""
+  _check_run(runs['human'], 'human', nt_gen=HUMAN_TEST['seq_len'], n_test=HUMAN_TEST['size'])
 
 
 def test_human_from_mp4_splits_by_subject_and_official_test_draws(human_data, capsys):
+  human_data, _ = human_data
   listed = {split: sorted(f'S{s}-{f[:-4]}' for s in subjects for f in os.listdir(
       os.path.join(human_data, f'S{s}', 'Videos')) if f.endswith('.mp4') and not f.startswith('_'))
             for split, subjects in (('train', (1, 5, 6, 7, 8)), ('test', (9, 11)))}
@@ -205,9 +258,9 @@ def bair_data(tmp_path_factory):
   return root, videos
 
 
-def test_bair_from_tfrecords_end_to_end(bair_data, tmp_path):
-  data_dir, videos = bair_data
-  _train_and_evaluate(tmp_path, 'bair', data_dir, nt_gen=BAIR_NT_GEN, n_test=len(videos['test']))
+def test_bair_end_to_end(runs, bair_data):
+  """TFRecords -> prepare -> launch.py -> evaluate (the test set is the first frames of the test videos)."""
+  _check_run(runs['bair'], 'bair', nt_gen=BAIR_NT_GEN, n_test=len(bair_data[1]['test']))
 
 
 def test_bair_from_tfrecords_test_set_and_throughput(bair_data, capsys):
