@@ -48,10 +48,14 @@ def _start(argv, log):
 
 
 def _finish(processes):
-  """Waits for {name: (process, log)}; returns {name: (exit status, output)}."""
+  """Waits for {name: (process, log)} (killed after 300 s); returns {name: (exit status, output)}."""
   out = {}
   for name, (process, log) in processes.items():
-    code = process.wait(timeout=300)
+    try:
+      code = process.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+      process.kill()
+      code = process.wait()
     with open(log, encoding='utf-8') as f:
       out[name] = code, f.read()
   return out
