@@ -23,16 +23,17 @@ from tests import raw_fixtures as rf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KTH_CLASSES = ('boxing', 'handclapping', 'handwaving', 'jogging', 'running', 'walking')
 KTH_LEN = 10  # Frames of every KTH fixture video (the test-set draws then do not depend on which video).
-KTH_TEST = dict(size=4, seq_len=6)
+KTH_TEST = dict(size=4, seq_len=5)
 HUMAN_LEN, HUMAN_SUB = 10, 2
 HUMAN_TEST = dict(size=3, seq_len=5)
 BAIR_NT_GEN = 5
 
-# A tiny model and run: 2 train steps, validation and checkpoint at step 2.
-TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_inf=2,
-            nlayers_res=2, n_euler_steps=1, nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=2,
-            batch_size_test=2, n_iter_test=1, n_samples_test=2, val_sample_chunk=2, val_interval=2,
-            chkpt_interval=2, log_interval=1, lr_scheduling_burnin=2, lr_scheduling_n_iter=0, num_data_workers=1)
+# A tiny model and run: 2 train steps, validation and checkpoint at step 2. The values of test_data_store.py's
+# end-to-end run, so that the KTH runs of both files compile the same programs (compiled once, then cached).
+TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_res=2, n_euler_steps=1,
+            nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=4, lr_scheduling_burnin=1,
+            lr_scheduling_n_iter=1, val_interval=2, chkpt_interval=2, n_iter_test=1, batch_size_test=2,
+            n_samples_test=2, val_sample_chunk=2, log_interval=1, num_data_workers=1)
 # Per dataset: (--nt_gen of the evaluation, more config overrides).
 # Human3.6M takes BAIR's obs_scale and res_gain: the two then compile the same programs (see STAGES).
 EXTRA = {'kth': (KTH_TEST['seq_len'], {}),
@@ -132,7 +133,7 @@ def _check_run(run, dataset, nt_gen, n_test):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# KTH: AVI files (boxing and jogging inside their class zip archives) -> store -> svg_test_set_6.npz -> train -> eval.
+# KTH: AVI files (boxing and jogging inside their class zip archives) -> store -> svg_test_set_5.npz -> train -> eval.
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _spec_kth_draws(size, seq_len, n_frames):
