@@ -20,8 +20,6 @@ one-line message naming the path and the fix. TensorFlow is imported only by the
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import glob
 import io
 import os
@@ -31,16 +29,17 @@ import struct
 import subprocess
 import tempfile
 import zipfile
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from srvp_jax.data import base
 from srvp_jax.data.human import CROP_BOX, TEST_SUBJECTS, TRAIN_SUBJECTS
 from srvp_jax.data.kth import CLASSES as KTH_CLASSES
 from srvp_jax.data.kth import NX
 
-CLI = 'python -m srvp_jax.data'
+CLI = base.CLI
 SPLITS = ('train', 'test')
 
 BAIR_FRAMES = 30
@@ -54,8 +53,6 @@ HUMAN_SUBJECTS = tuple(sorted(TRAIN_SUBJECTS + TEST_SUBJECTS))
 HUMAN_URL = 'http://vision.imar.ro/human3.6m'
 
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-_T = TypeVar('_T')
-_R = TypeVar('_R')
 
 
 class RawDataMissingError(FileNotFoundError):
@@ -69,24 +66,6 @@ class CorruptRawFileError(ValueError):
 def _first_line(text: str) -> str:
   lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
   return lines[0] if lines else 'unknown error'
-
-
-def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], workers: int) -> Iterator[_R]:
-  """``map(fn, items)`` on ``workers`` threads, in order, at most 2 * workers results ahead of the consumer."""
-  if workers <= 1:
-    yield from map(fn, items)
-    return
-  pool = concurrent.futures.ThreadPoolExecutor(workers)
-  pending = collections.deque()
-  try:
-    for item in items:
-      pending.append(pool.submit(fn, item))
-      if len(pending) >= 2 * workers:
-        yield pending.popleft().result()
-    while pending:
-      yield pending.popleft().result()
-  finally:
-    pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_split(split: str) -> None:
@@ -363,7 +342,7 @@ def kth_avi_videos(root: str, *, classes: Sequence[str] = KTH_CLASSES,
   'setting': 'd1'..'d4', 'name': 'person01_boxing_d1'}``. Every class of ``classes`` must have a video.
   ``workers`` decodes that many videos at once (order kept).
   """
-  yield from _ordered_map(_kth_read, _kth_sources(root, classes), workers)
+  yield from base.ordered_map(_kth_read, _kth_sources(root, classes), workers)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -444,4 +423,4 @@ def human_mp4_videos(root: str, *, subjects: Sequence[int] = HUMAN_SUBJECTS,
   'action': 'Directions 1', 'camera': '54138969', 'name': 'S1-Directions 1.54138969'}``. Every subject of
   ``subjects`` must be there. ``workers`` decodes that many videos at once (order kept).
   """
-  yield from _ordered_map(_human_read, _human_sources(root, subjects), workers)
+  yield from base.ordered_map(_human_read, _human_sources(root, subjects), workers)
