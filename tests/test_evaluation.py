@@ -101,7 +101,9 @@ def test_chunk_size_from_the_compiled_programs_memory_analysis():
   assert 1 <= k <= 100
   # Balanced: 100 samples that fit by 40 run as 3 chunks of 34, not 40 + 40 + 20.
   fn = sampling.chunk_function(graphdef, protocol, scorer.mesh)
-  probe = fn.lower(states, jax.random.key(0), jax.ShapeDtypeStruct((4, 5, 64, 64, 1), np.float32),
+  key_data = jax.random.key_data(jax.random.key(0))
+  probe = fn.lower(states, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype),
+                   jax.ShapeDtypeStruct((4, 5, 64, 64, 1), np.float32),
                    jax.ShapeDtypeStruct((4,), np.int32), jax.ShapeDtypeStruct((4,), np.int32),
                    jax.ShapeDtypeStruct((), np.int32)).compile().memory_analysis()
   per_sample = (probe.temp_size_in_bytes + probe.output_size_in_bytes) / 4

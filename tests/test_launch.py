@@ -229,15 +229,17 @@ def batches(start):  # Batch k is a function of k; each process feeds its own sl
     yield x[p * 8 // n:(p + 1) * 8 // n]
     k += 1
 
+val = np.random.default_rng(9).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)  # The same on every process.
 try:
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter(()), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
 except train.Interrupted as e:
   print('exit code', e.exit_code, flush=True)
   kill_at = -1  # Resume (a new train_and_evaluate: restored from the checkpoint on disk) to the end.
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter(()), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
 '''
 DIST = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
-            lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2, log_interval=1)
+            lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=2, chkpt_interval=2, log_interval=1,
+            n_samples_test=3, val_sample_chunk=2, n_val_videos_gif=2)
 
 
 def _free_port():
@@ -282,6 +284,14 @@ def test_two_processes_equal_one_process_with_four_devices(tmp_path):
       return [(r['step'], r['loss']) for r in map(json.loads, f) if 'loss' in r]
   l1, l2 = losses(one), losses(two)
   assert [s for s, _ in l2] == [1, 2, 3, 4, 5, 6]  # Once per step: only process 0 writes.
+
+  def val_psnr(workdir):
+    with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+      return [(r['step'], r['val_psnr']) for r in map(json.loads, f) if 'val_psnr' in r]
+  v1, v2 = val_psnr(one), val_psnr(two)  # Validation sharded over both processes' devices, read by each.
+  assert [s for s, _ in v2] == [2, 4, 6] and [s for s, _ in v1] == [2, 4, 6]
+  np.testing.assert_allclose([v for _, v in v1], [v for _, v in v2], rtol=1e-4)
+  assert sorted(os.listdir(two / 'samples')) == sorted(os.listdir(one / 'samples')) != []  # Written once.
   np.testing.assert_allclose([l for _, l in l1], [l for _, l in l2], rtol=1e-6)
   m1, _, s1 = checkpoints.load_model(str(one), 'latest')
   m2, _, s2 = checkpoints.load_model(str(two), 'latest')

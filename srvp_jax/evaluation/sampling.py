@@ -110,12 +110,15 @@ def data_mesh() -> Mesh:
 
 @functools.lru_cache(maxsize=16)
 def chunk_function(graphdef, protocol: Protocol, mesh: Mesh) -> Callable:
-  """``predictions`` compiled with the model replicated and the batch sharded over 'data'."""
+  """``predictions`` compiled with the model replicated and the batch sharded over 'data'.
+
+  Arguments: (states, key_data (the raw data of the base key), x, video_ids, sample_ids, n_samples).
+  """
   rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
 
-  def fn(states, base_key, x, video_ids, sample_ids, n_samples):
+  def fn(states, key_data, x, video_ids, sample_ids, n_samples):
     model = nnx.merge(graphdef, *states, copy=True)
-    return predictions(model, protocol, base_key, x, video_ids, sample_ids, n_samples)
+    return predictions(model, protocol, jax.random.wrap_key_data(key_data), x, video_ids, sample_ids, n_samples)
 
   return jax.jit(fn, in_shardings=(rep, rep, batch, batch, rep, rep))
 
@@ -147,7 +150,9 @@ def auto_chunk(graphdef, states: tuple, protocol: Protocol, x_shape: Sequence[in
   """
   k0 = max(1, min(PROBE_SAMPLES, n_samples))
   fn = chunk_function(graphdef, protocol, mesh)
-  args = (states, jax.random.key(0), jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+  key_data = jax.random.key_data(jax.random.key(0))
+  args = (states, jax.ShapeDtypeStruct(key_data.shape, key_data.dtype),
+          jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
           jax.ShapeDtypeStruct((x_shape[0],), jnp.int32), jax.ShapeDtypeStruct((k0,), jnp.int32),
           jax.ShapeDtypeStruct((), jnp.int32))
   analysis = fn.lower(*args).compile().memory_analysis()
@@ -193,7 +198,7 @@ class BestOfN:
                 n_samples: int, chunk: int, lpips_fn: Callable | None = None) -> dict[str, Any]:
     """Queues the best-of-``n_samples`` work of one batch; returns device arrays (nothing waits).
 
-    x: (B, T, H, W, C) float in [0, 1] (at least nt_cond + nt_pred frames); video_ids (B,). Returns
+    x: (B, T, H, W, C) float in [0, 1] (at least nt_cond + nt_pred frames), host array; video_ids (B,). Returns
     'selection' {metric: selection state, whose 'best_video' / 'worst_video' are the uint8 predictions,
     or for select_on='all' the kept sample's PSNR over the predicted frames}, 'per_frame' {metric: list
     of (K, B, nt_pred) per chunk}, 'select' {metric: list of (K, B)}, 'random' (the first 5 samples'
@@ -202,28 +207,34 @@ class BestOfN:
     p = self.protocol
     b = len(video_ids)
     pad = self._padded(b) - b
-    x = jnp.asarray(x, jnp.float32)[:, :p.nt_cond + p.nt_pred]
-    ids = jnp.asarray(video_ids, jnp.int32)
+    # Host arrays (the same on every process) go to the compiled function, which places them on the mesh:
+    # nothing is committed to one local device first, so this also runs with several processes.
+    x = np.asarray(x, np.float32)[:, :p.nt_cond + p.nt_pred]
+    ids = np.asarray(video_ids, np.int32)
     if pad:
-      x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-      ids = jnp.concatenate([ids, jnp.repeat(ids[-1:], pad)])
+      x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+      ids = np.concatenate([ids, np.repeat(ids[-1:], pad)])
+    host_x = x
+    x, ids = (_global(a, NamedSharding(self.mesh, P('data'))) for a in (x, ids))
+    key_data = np.asarray(jax.random.key_data(base_key))
     names = list(p.metrics) + (['lpips'] if lpips_fn is not None else [])
     if p.select_on == 'all':
       payload_shape, payload_dtype = (), jnp.float32
     else:
       payload_shape, payload_dtype = (p.nt_pred,) + tuple(x.shape[2:]), jnp.uint8
-    sel = selection.init_state(names, len(ids), payload_shape, payload_dtype) if (p.keep_videos or
-                                                                                  p.select_on == 'all') else None
+    sel = None
+    if p.keep_videos or p.select_on == 'all':
+      sel = jax.tree.map(lambda a: _global(np.asarray(a), NamedSharding(self.mesh, P('data'))),
+                         selection.init_state(names, len(ids), payload_shape, payload_dtype))
     out = {'per_frame': {m: [] for m in names}, 'select': {m: [] for m in names}, 'random': []}
     n_random = min(5, n_samples)
-    total = jnp.int32(n_samples)
     for c in range(-(-n_samples // chunk)):
-      sample_ids = jnp.arange(c * chunk, (c + 1) * chunk, dtype=jnp.int32)
-      res = self.fn(tuple(states), base_key, x, ids, sample_ids, total)
+      sample_ids = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)
+      res = self.fn(tuple(states), key_data, x, ids, np.asarray(sample_ids), np.int32(n_samples))
       if lpips_fn is not None:
         n_valid = min(chunk, n_samples - c * chunk)
         pred = res['x_pred'][:n_valid]
-        target = jnp.broadcast_to(x[None, :, p.nt_cond:], pred.shape)
+        target = jnp.broadcast_to(host_x[None, :, p.nt_cond:], pred.shape)
         values = jnp.asarray(lpips_fn(pred, target), jnp.float32)
         res['lpips'] = jnp.pad(values, ((0, chunk - n_valid), (0, 0), (0, 0)), constant_values=jnp.nan)
         res['select_lpips'] = jnp.mean(res['lpips'], axis=-1)
@@ -244,6 +255,11 @@ class BestOfN:
     return out
 
 
+def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that is the same on every process, as a global array with ``sharding``."""
+  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+
 def validation_psnr(scorer: BestOfN, states: tuple, x: np.ndarray, key: jax.Array, n_samples: int,
                     chunk: int) -> jax.Array:
   """Official validation of one batch: PSNR over the predicted frames of each video's best sample (B,).
@@ -254,4 +270,10 @@ def validation_psnr(scorer: BestOfN, states: tuple, x: np.ndarray, key: jax.Arra
     raise ValueError("validation_psnr needs a Protocol with select_on='all'")
   b = len(x)
   res = scorer.run_batch(states, x, np.arange(b), key, n_samples, chunk)
-  return res['selection']['psnr']['best_video'][:b]
+  # Replicated, so that every process can read it (the batch was sharded over all processes' devices).
+  return _replicated_head(res['selection']['psnr']['best_video'], b, scorer.mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _replicated_head(values: jax.Array, n: int, mesh: Mesh) -> jax.Array:
+  return jax.lax.with_sharding_constraint(values[:n], NamedSharding(mesh, P()))
