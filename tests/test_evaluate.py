@@ -25,6 +25,8 @@ from srvp_jax.data import cli as data_cli, mmnist
 from srvp_jax.metrics import image
 from srvp_jax.model import build_model
 
+from helpers import random_tree  # pylint: disable=wrong-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_VGG = os.path.join(ROOT, 'tests', 'data', 'golden', 'vgg_skip')
 TINY = dict(dataset='smmnist', nc=1, nf=4, nhx=8, ny=3, nz=3, nh_inf=8, nh_res=8, nlayers_inf=2, nlayers_res=2,
@@ -37,27 +39,6 @@ IMAGE_FILES = ('comparison.png', 'comparison.gif', 'per_frame.png')
 # Fixtures: a tiny checkpoint folder and a tiny official Moving MNIST test set.
 
 
-def _random_tree(model, seed):
-  """Random model variables (the real initialisation compiles for a minute on CPU): kernels ~ N(0, 1 / fan_in),
-  BatchNorm running mean 0 and variance 1, small biases."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1].key)
-    if name == 'count':
-      return np.zeros(leaf.shape, leaf.dtype)
-    if name in ('var', 'scale'):
-      return np.ones(leaf.shape, np.float32)
-    if name == 'mean':
-      return np.zeros(leaf.shape, np.float32)
-    if name == 'kernel':
-      fan_in = int(np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
-    return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, checkpoints.model_tree(model))
-
-
 def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
   """A folder with the layout training writes (random models): configs and one orbax manager whose
   ``best_steps`` carry a validation PSNR (the best-checkpoint policy ranks them) and ``steps`` do not."""
@@ -67,7 +48,7 @@ def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
   mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, max_to_keep=None)
   trees = {}
   for step in sorted(set(steps) | set(best_steps)):
-    trees[step] = _random_tree(model, seed + step)
+    trees[step] = random_tree(model, seed + step)
     metrics = {'val_psnr': 30.0 + step} if step in best_steps else None
     checkpoints.save(mngr, step, trees[step], meta={'step': step}, metrics=metrics)
   mngr.wait_until_finished()

@@ -16,6 +16,8 @@ import pytest
 from srvp_jax import checkpoints
 from srvp_jax import config as config_lib
 
+from helpers import snapshot  # pylint: disable=wrong-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick start, tiny: a few seconds per step on 2 CPU cores, mostly compilation.
 TINY_FLAGS = ['--config.nf=8', '--config.nhx=16', '--config.ny=4', '--config.nz=4', '--config.nh_inf=16',
@@ -32,18 +34,6 @@ def launch_cmd(workdir, *flags, config='configs/quickstart.py'):
 def run_launch(workdir, *flags, config='configs/quickstart.py', timeout=600):
   return subprocess.run(launch_cmd(workdir, *flags, config=config), cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, check=False)
-
-
-def snapshot(folder):
-  """Every file under ``folder`` with its bytes' hash and mtime: "untouched" means equal snapshots."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, 'rb') as f:
-        out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
-  return out
 
 
 def assert_one_line(res, *needles, code=2):

@@ -17,6 +17,8 @@ from srvp_jax import checkpoints, clips, predict
 from srvp_jax import config as config_lib
 from srvp_jax.model import build_model
 
+from helpers import random_tree  # pylint: disable=wrong-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_DCGAN = os.path.join(ROOT, 'tests', 'data', 'golden', 'dcgan')  # An official folder: config.json + model.pt.
 # dcgan with skip connections (the swap takes A's skips) and 2 Euler steps per frame (interpolation).
@@ -30,32 +32,13 @@ T_CLIP = 7
 # Fixtures: a tiny checkpoint folder and one clip written in every format.
 
 
-def _random_tree(model, seed):
-  """Random variables (a real initialisation compiles for long on CPU): kernels ~ N(0, 1 / fan_in)."""
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = str(path[-1].key)
-    if name == 'count':
-      return np.zeros(leaf.shape, leaf.dtype)
-    if name in ('var', 'scale'):
-      return np.ones(leaf.shape, np.float32)
-    if name == 'mean':
-      return np.zeros(leaf.shape, np.float32)
-    if name == 'kernel':
-      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
-    return (0.3 * rng.standard_normal(leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, checkpoints.model_tree(model))
-
-
 @pytest.fixture(scope='module')
 def ckpt(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('ckpt'))
   cfg = config_lib.with_overrides(**TINY)
   checkpoints.save_config(workdir, cfg)
   mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 7, _random_tree(nnx.eval_shape(lambda: build_model(cfg)), 0), meta={'step': 7})
+  checkpoints.save(mngr, 7, random_tree(nnx.eval_shape(lambda: build_model(cfg)), 0, bias_scale=0.3), meta={'step': 7})
   mngr.wait_until_finished()
   mngr.close()
   return workdir

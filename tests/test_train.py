@@ -15,6 +15,8 @@ from srvp_jax import config as config_lib
 from srvp_jax import train
 from srvp_jax.model import build_model
 
+from helpers import snapshot  # pylint: disable=wrong-import-order
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
             lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2, log_interval=1,
@@ -319,22 +321,10 @@ def test_truncated_or_corrupt_checkpoints(tmp_path, capsys):
 def test_config_contradicting_the_checkpoints_is_refused_before_writing(tmp_path):
   workdir = str(tmp_path / 'run')
   _tiny_run(workdir, tiny_config(lr_scheduling_burnin=2, lr_scheduling_n_iter=0))
-  before = _snapshot(workdir)
+  before = snapshot(workdir)
   with pytest.raises(config_lib.ConfigError, match=r'another model \(nf: 8 -> 16; nhx: 16 -> 32\)'):
     _tiny_run(workdir, tiny_config(nf=16, nhx=32))
-  assert _snapshot(workdir) == before
-
-
-def _snapshot(folder):
-  """Every file under ``folder`` with its bytes' hash and mtime: "untouched" means equal snapshots."""
-  import hashlib  # pylint: disable=import-outside-toplevel
-  out = {}
-  for root, _, files in os.walk(folder):
-    for name in files:
-      p = os.path.join(root, name)
-      with open(p, 'rb') as f:
-        out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
-  return out
+  assert snapshot(workdir) == before
 
 
 def test_validation_draws_exactly_n_samples_whatever_the_chunk():
@@ -387,10 +377,10 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
     assert got == step
     for a, b in zip(jax.tree.leaves(checkpoints.model_tree(model)), jax.tree.leaves(trees[step])):
       np.testing.assert_array_equal(a, b)
-  before = _snapshot(old)
+  before = snapshot(old)
   with pytest.raises(config_lib.ConfigError, match='earlier checkpoint layout.*init_from='):
     _tiny_run(old, tiny_config())
-  assert _snapshot(old) == before
+  assert snapshot(old) == before
   new = str(tmp_path / 'new')
   _tiny_run(new, tiny_config(init_from=old, lr_scheduling_burnin=1, lr_scheduling_n_iter=0), tx=optax.set_to_zero())
   model, _, _ = checkpoints.load_model(new, 'latest')

@@ -1,0 +1,40 @@
+"""Helpers shared by the tests: random model variables without compiling an initialisation, workdir snapshots."""
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+
+from srvp_jax import checkpoints
+
+
+def random_tree(model, seed, bias_scale=0.1):
+  """Random model variables (a real initialisation compiles for long on CPU): kernels ~ N(0, 1 / fan_in),
+  BatchNorm running mean 0 and variance 1, biases ~ N(0, bias_scale^2)."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = str(path[-1].key)
+    if name == 'count':
+      return np.zeros(leaf.shape, leaf.dtype)
+    if name in ('var', 'scale'):
+      return np.ones(leaf.shape, np.float32)
+    if name == 'mean':
+      return np.zeros(leaf.shape, np.float32)
+    if name == 'kernel':
+      return (rng.standard_normal(leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
+    return (bias_scale * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, checkpoints.model_tree(model))
+
+
+def snapshot(folder):
+  """Every file under ``folder`` with its bytes' hash and mtime: "untouched" means equal snapshots."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      p = os.path.join(root, name)
+      with open(p, 'rb') as f:
+        out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
+  return out
