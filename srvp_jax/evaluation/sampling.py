@@ -13,7 +13,7 @@ sample_pred_noise_per_sample``), so no result depends on the chunk or batch size
 over the mesh's 'data' axis (padded to a multiple of its size), the model replicated.
 
 The chunk size comes from the compiled program's own memory analysis and the device's free memory
-(``auto_chunk``), not from a formula.
+(``auto_chunk``; on CPU a cache-friendly working set, see ``CPU_CHUNK_BYTES``), not from a formula.
 """
 
 from __future__ import annotations
@@ -33,7 +33,11 @@ from srvp_jax.metrics import image, selection
 
 FRAME_METRICS = {'psnr': image.psnr, 'ssim': image.ssim}  # Computed inside the compiled function.
 DEVICE_MEMORY_FRACTION = 0.5  # Of the accelerator's free memory, for one chunk's temporaries and outputs.
-HOST_MEMORY_FRACTION = 0.25  # Of the host's available memory, on CPU.
+HOST_MEMORY_FRACTION = 0.25  # Of the host's available memory, on CPU ...
+# ... and at most this working set per chunk: CPU throughput falls once a chunk outgrows the caches (measured,
+# Moving MNIST model, batch 4, 2 cores: chunks of 1 / 2 / 5 / 20 samples (43 MiB each) ran 360 / 390 / 333 / 297
+# predicted frames/s).
+CPU_CHUNK_BYTES = 128 << 20
 PROBE_SAMPLES = 4  # Samples per chunk of the program whose memory analysis sizes the chunks.
 
 
@@ -76,14 +80,14 @@ def predictions(model, protocol: Protocol, base_key: jax.Array, x: jax.Array, vi
 
   Returns per-frame metrics (K, B, nt_pred) and the selection score 'select_<metric>' (K, B), NaN
   for sample ids >= n_samples; 'x_byte' (K, B, nt_pred, H, W, C) uint8 and 'x_pred' (float) when the
-  protocol keeps them; 'cond_rec' (B, nt_cond, H, W, C) uint8, sample 0's reconstruction of the
-  conditioning frames.
+  protocol keeps them. The conditioning frames are reconstructed only where the selection needs them
+  (validation); evaluation gets sample 0's reconstruction once per batch (``cond_reconstruction``).
   """
   nt_cond, nt_pred = protocol.nt_cond, protocol.nt_pred
   x_cond, x_target = x[:, :nt_cond], x[:, nt_cond:nt_cond + nt_pred]
   noise = model.sample_pred_noise_per_sample(base_key, video_ids, sample_ids, nt_cond, nt_pred)
   pred = model.predict(x_cond, noise, n_euler_steps=protocol.n_euler_steps,
-                       cond_euler_steps=protocol.cond_euler_steps, reconstruct_cond=True)
+                       cond_euler_steps=protocol.cond_euler_steps, reconstruct_cond=protocol.select_on == 'all')
   valid = (sample_ids < n_samples)[:, None]
   out = {}
   for name in protocol.metrics:
@@ -99,7 +103,6 @@ def predictions(model, protocol: Protocol, base_key: jax.Array, x: jax.Array, vi
     out['x_byte'] = to_byte(pred.x_pred)
   if protocol.keep_float:
     out['x_pred'] = pred.x_pred
-  out['cond_rec'] = to_byte(pred.x_cond_rec[0])
   return out
 
 
@@ -123,8 +126,33 @@ def chunk_function(graphdef, protocol: Protocol, mesh: Mesh) -> Callable:
   return jax.jit(fn, in_shardings=(rep, rep, batch, batch, rep, rep))
 
 
-def _free_memory_bytes(device) -> int:
-  """Free memory of ``device`` (accelerators: limit - in use; CPU: the host's available memory)."""
+def cond_reconstruction(model, protocol: Protocol, base_key: jax.Array, x: jax.Array,
+                        video_ids: jax.Array) -> jax.Array:
+  """Sample 0's reconstruction of the conditioning frames, uint8 (B, nt_cond, H, W, C) (traceable).
+
+  The noise of the conditioning frames does not depend on the number of predicted frames, so one
+  predicted frame is enough.
+  """
+  x_cond = x[:, :protocol.nt_cond]
+  noise = model.sample_pred_noise_per_sample(base_key, video_ids, jnp.zeros((1,), jnp.int32), protocol.nt_cond, 1)
+  rec = model.predict(x_cond, noise, n_euler_steps=protocol.cond_euler_steps, reconstruct_cond=True).x_cond_rec
+  return to_byte(rec[0])
+
+
+@functools.lru_cache(maxsize=16)
+def cond_reconstruction_function(graphdef, protocol: Protocol, mesh: Mesh) -> Callable:
+  """``cond_reconstruction`` compiled as ``chunk_function`` (states, key_data, x, video_ids)."""
+  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+  def fn(states, key_data, x, video_ids):
+    model = nnx.merge(graphdef, *states, copy=True)
+    return cond_reconstruction(model, protocol, jax.random.wrap_key_data(key_data), x, video_ids)
+
+  return jax.jit(fn, in_shardings=(rep, rep, batch, batch))
+
+
+def _chunk_budget_bytes(device) -> int:
+  """Bytes one chunk may use on ``device`` (accelerators: a share of the free memory; CPU: see CPU_CHUNK_BYTES)."""
   stats = None
   try:
     stats = device.memory_stats()
@@ -136,7 +164,7 @@ def _free_memory_bytes(device) -> int:
     available = os.sysconf('SC_AVPHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
   except (ValueError, OSError, AttributeError):
     available = 8 << 30
-  return int(HOST_MEMORY_FRACTION * available)
+  return int(min(HOST_MEMORY_FRACTION * available, CPU_CHUNK_BYTES))
 
 
 def auto_chunk(graphdef, states: tuple, protocol: Protocol, x_shape: Sequence[int], n_samples: int, mesh: Mesh,
@@ -161,7 +189,7 @@ def auto_chunk(graphdef, states: tuple, protocol: Protocol, x_shape: Sequence[in
     per_chunk = int(analysis.temp_size_in_bytes) + int(analysis.output_size_in_bytes)
   if per_chunk <= 0:
     return k0
-  free = _free_memory_bytes(mesh.devices.flat[0]) if free_bytes is None else int(free_bytes)
+  free = _chunk_budget_bytes(mesh.devices.flat[0]) if free_bytes is None else int(free_bytes)
   k = int(np.clip(free * k0 // per_chunk, 1, n_samples))
   n_chunks = -(-n_samples // k)
   return -(-n_samples // n_chunks)
@@ -249,8 +277,8 @@ class BestOfN:
         sel = selection.update(sel, {m: res[f'select_{m}'] for m in names}, payload, c * chunk)
       if p.keep_videos:
         out['random'].extend(res['x_byte'][i] for i in range(max(0, min(chunk, n_random - c * chunk))))
-      if c == 0:
-        out['cond_rec'] = res['cond_rec']
+    if p.keep_videos:
+      out['cond_rec'] = cond_reconstruction_function(self.graphdef, p, self.mesh)(tuple(states), key_data, x, ids)
     out['selection'] = sel
     return out
 
