@@ -67,7 +67,7 @@ import numpy as np
 
 from srvp_jax import config as config_lib
 from srvp_jax import evaluation
-from srvp_jax.evaluation import hooks, report
+from srvp_jax.evaluation import hooks, report, sampling
 
 if TYPE_CHECKING:
   import torch
@@ -169,12 +169,7 @@ def peak_flops(device_kind: str, dtype: str) -> float | None:
 def peak_memory() -> tuple[int | None, str]:
   """(bytes, what): the device's peak bytes in use, or on CPU the process's peak resident set."""
   import jax  # pylint: disable=import-outside-toplevel
-  dev = jax.devices()[0]
-  stats = None
-  try:
-    stats = dev.memory_stats()
-  except (AttributeError, NotImplementedError, RuntimeError):
-    pass
+  stats = sampling.memory_stats(jax.devices()[0])
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use (process so far)'
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, 'host peak RSS (process so far)'

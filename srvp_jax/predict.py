@@ -68,34 +68,25 @@ class _Parser(argparse.ArgumentParser):
     raise StartupError(f'{message} (see python -m srvp_jax.predict --help)')
 
 
-def _positive(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text} must be a positive integer')
-  return value
+def _number(cast, minimum, strict: bool, requirement: str):
+  """An argparse type: ``cast(text)``, > minimum (strict) or >= minimum, else one line saying ``requirement``."""
+  noun = 'an integer' if cast is int else 'a number'
+
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
+    if not (value > minimum if strict else value >= minimum):
+      raise argparse.ArgumentTypeError(f'{text} must be {requirement}')
+    return value
+
+  return parse
 
 
-def _non_negative(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'{text} must be >= 0')
-  return value
-
-
-def _positive_float(text: str) -> float:
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
-  if not value > 0:
-    raise argparse.ArgumentTypeError(f'{text} must be > 0')
-  return value
+_positive = _number(int, 1, False, 'a positive integer')
+_non_negative = _number(int, 0, False, '>= 0')
+_positive_float = _number(float, 0, True, '> 0')
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -151,13 +151,17 @@ def cond_reconstruction_function(graphdef, protocol: Protocol, mesh: Mesh) -> Ca
   return jax.jit(fn, in_shardings=(rep, rep, batch, batch))
 
 
+def memory_stats(device) -> dict | None:
+  """``device.memory_stats()``, or None where the backend keeps none (CPU)."""
+  try:
+    return device.memory_stats()
+  except (AttributeError, NotImplementedError, RuntimeError):
+    return None
+
+
 def _chunk_budget_bytes(device) -> int:
   """Bytes one chunk may use on ``device`` (accelerators: a share of the free memory; CPU: see CPU_CHUNK_BYTES)."""
-  stats = None
-  try:
-    stats = device.memory_stats()
-  except (AttributeError, NotImplementedError, RuntimeError):
-    pass
+  stats = memory_stats(device)
   if stats and 'bytes_limit' in stats:
     return int(DEVICE_MEMORY_FRACTION * (stats['bytes_limit'] - stats.get('bytes_in_use', 0)))
   try:
@@ -258,7 +262,7 @@ class BestOfN:
     n_random = min(5, n_samples)
     for c in range(-(-n_samples // chunk)):
       sample_ids = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)
-      res = self.fn(tuple(states), key_data, x, ids, np.asarray(sample_ids), np.int32(n_samples))
+      res = self.fn(tuple(states), key_data, x, ids, sample_ids, np.int32(n_samples))
       if lpips_fn is not None:
         n_valid = min(chunk, n_samples - c * chunk)
         pred = res['x_pred'][:n_valid]
