@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from srvp_jax.model import onednn
+
 Array = jax.Array
 Dtype = jnp.dtype
 
@@ -214,13 +216,18 @@ class Conv2d(nnx.Module):
     self.conv = nnx.Conv(n_in, n_out, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
                          use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(0.0, 0.02),
                          rngs=rngs)
-    self.kernel_size, self.padding, self.dtype = kernel, padding, dtype
+    self.kernel_size, self.stride, self.padding, self.dtype = kernel, stride, padding, dtype
 
   def __call__(self, x: Array) -> Array:
     if self.padding == 0 and x.shape[-3:-1] == (self.kernel_size, self.kernel_size):
       kernel = self.conv.kernel[...].astype(self.dtype)
       out = x.astype(self.dtype).reshape(*x.shape[:-3], -1) @ kernel.reshape(-1, kernel.shape[-1])
       return out[..., None, None, :]
+    if onednn.enabled(self.dtype):
+      kernel = self.conv.kernel[...]
+      route = onednn.route_for(False, self.kernel_size, self.stride, *kernel.shape[-2:])
+      if route.any:
+        return onednn.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.stride, self.padding, route)
     return self.conv(x)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
@@ -259,10 +266,18 @@ class ConvTranspose2d(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     kernel, x = self.kernel[...].astype(self.dtype), x.astype(self.dtype)
+    if x.shape[-3:-1] == (1, 1) and self.padding == 0:
+      return jnp.einsum('...c,hwco->...hwo', x[..., 0, 0, :], kernel)
+    if onednn.enabled(self.dtype):
+      route = onednn.route_for(True, kernel.shape[0], self.stride, *kernel.shape[-2:])
+      if route.any:
+        return onednn.conv_transpose2d(x, kernel, self.stride, self.padding, self.xla_form, route)
+    return self.xla_form(x, kernel)
+
+  def xla_form(self, x: Array, kernel: Array) -> Array:
+    """The layer on XLA (the phase or the dilated form below; the 1x1 case is ``__call__``'s)."""
     k, s, p = kernel.shape[0], self.stride, self.padding
     size = x.shape[-3]
-    if x.shape[-3:-1] == (1, 1) and p == 0:
-      return jnp.einsum('...c,hwco->...hwo', x[..., 0, 0, :], kernel)
     out_size = (size - 1) * s - 2 * p + k
     if s > 1 and kernel.shape[-1] >= PHASE_MIN_CHANNELS and out_size % s == 0 and x.shape[-3] == x.shape[-2]:
       return _phase_conv_transpose(x, kernel, s, p, out_size // s)
