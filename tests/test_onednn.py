@@ -20,7 +20,7 @@ PAPER = ('smmnist', 'mmnist_deterministic', 'kth', 'human', 'bair')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # Of the largest magnitude: float32 rounding of sums of up to 4608 products.
 
-pytestmark = pytest.mark.skipif(not onednn.available() and onednn.mode() != 'on',
+needs_onednn = pytest.mark.skipif(not onednn.available() and onednn.mode() != 'on',
                                 reason='oneDNN unavailable (apt-get install -y libdnnl-dev)')
 
 
@@ -79,6 +79,7 @@ def _paper_shapes():
 SHAPES = _paper_shapes()
 
 
+@needs_onednn
 def test_paper_models_use_onednn_layers():
   kinds = {(s[0], s[4], s[5]) for s in SHAPES}
   # DCGAN 4x4 stride-2 convolutions and transposed convolutions, VGG 3x3 stride-1 convolutions and the
@@ -87,6 +88,7 @@ def test_paper_models_use_onednn_layers():
   assert len(SHAPES) >= 15
 
 
+@needs_onednn
 @pytest.mark.parametrize('shape', SHAPES, ids=lambda s: '{}{}x{}_{}to{}_k{}s{}p{}'.format(
     'T' if s[0] else 'C', s[1], s[1], s[2], s[3], s[4], s[5], s[6]))
 def test_equals_xla_forward_and_gradients(shape):
@@ -108,6 +110,7 @@ def test_equals_xla_forward_and_gradients(shape):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=RTOL * scale)
 
 
+@needs_onednn
 def test_routes_mix_onednn_and_xla_passes():
   x = jax.random.normal(jax.random.key(0), (3, 2, 8, 8, 16))  # Leading batch dimensions are kept.
   w = jax.random.normal(jax.random.key(1), (4, 4, 16, 8)) / 16
@@ -122,6 +125,7 @@ def test_routes_mix_onednn_and_xla_passes():
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=RTOL * float(jnp.max(jnp.abs(b))))
 
 
+@needs_onednn
 def test_layers_dispatch_by_dtype_and_platform(monkeypatch):
   from srvp_jax.model import backend  # pylint: disable=import-outside-toplevel
   monkeypatch.delenv(onednn.ENV, raising=False)
@@ -142,6 +146,7 @@ def _run(code, env_extra, timeout=300):
                         timeout=timeout, check=False)
 
 
+@needs_onednn
 def test_concurrent_calls_from_four_host_devices():
   code = '''
 import jax, jax.numpy as jnp, numpy as np
@@ -165,6 +170,7 @@ print('ok')
   assert run.stdout.strip() == 'ok'
 
 
+@needs_onednn
 def test_build_race_leaves_one_library(tmp_path):
   code = 'from srvp_jax.model.onednn import build; print(build.build())'
   env = {'XDG_CACHE_HOME': str(tmp_path)}
