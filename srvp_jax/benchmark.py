@@ -623,6 +623,121 @@ def time_layers(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int =
 
 
 # ------------------------------------------------------------------------------------------------
+# Convolutions, per pass (oneDNN vs XLA vs PyTorch).
+CONV_PASSES = ('fwd', 'input grad', 'kernel grad')
+
+
+def conv_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[bool, int, int, int, int, int, int]]:
+  """(transposed, input size, n_in, n_out, kernel, stride, padding) of the convolutions of the config's encoder
+  and decoder that the model routes through ``srvp_jax.model.onednn`` (recorded while tracing them)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from srvp_jax.model import conv, onednn  # pylint: disable=import-outside-toplevel
+  seen: dict[tuple, None] = {}
+
+  def recorder(transpose):
+    def record(x, w, stride, padding, *args, **kwargs):
+      del args, kwargs
+      k = w.shape[0]
+      seen[(transpose, x.shape[-3], w.shape[2], w.shape[3], k, stride, padding)] = None
+      size = (x.shape[-3] - 1) * stride - 2 * padding + k if transpose else (x.shape[-3] + 2 * padding - k) // stride + 1
+      return jnp.zeros((*x.shape[:-3], size, size, w.shape[3]), x.dtype)
+    return record
+
+  saved = onednn.conv2d, onednn.conv_transpose2d, os.environ.get(onednn.ENV)
+  onednn.conv2d, onednn.conv_transpose2d = recorder(False), recorder(True)
+  os.environ[onednn.ENV] = '1'
+  try:
+    enc = nnx.eval_shape(lambda: conv.Encoder(cfg.archi, cfg.nc, cfg.nhx, cfg.nf, rngs=nnx.Rngs(0)))
+    n_v = int(cfg.nh_inf) + int(cfg.ny)
+    dec = nnx.eval_shape(lambda: conv.Decoder(cfg.archi, cfg.nc, n_v, cfg.nf, cfg.skipco, rngs=nnx.Rngs(0)))
+    (enc_def, enc_state), (dec_def, dec_state) = nnx.split(enc), nnx.split(dec)
+
+    def run(frames, enc_state, dec_state):
+      _, skips = nnx.merge(enc_def, enc_state)(frames, True)
+      return nnx.merge(dec_def, dec_state)(jnp.zeros((frames.shape[0], n_v)), skips, True)
+
+    jax.eval_shape(run, jax.ShapeDtypeStruct((1, 64, 64, int(cfg.nc)), jnp.float32), enc_state, dec_state)
+  finally:
+    onednn.conv2d, onednn.conv_transpose2d = saved[:2]
+    if saved[2] is None:
+      os.environ.pop(onednn.ENV, None)
+    else:
+      os.environ[onednn.ENV] = saved[2]
+  return list(seen)
+
+
+def time_convs(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int = 5, with_torch: bool = False,
+               seed: int = 0, threads: int | None = None, label: str | None = None) -> list[dict]:
+  """Each convolution of the model (``conv_shapes``) on B*T frames, each pass on its own: oneDNN (``median_s``),
+  XLA's form of the layer (``xla_s``; transposed layers: ``ConvTranspose2d.xla_form``) and, with ``with_torch``,
+  PyTorch's ``aten.convolution`` / ``convolution_backward`` on NCHW tensors (``torch_s``, ``ratio``)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from srvp_jax.model import layers, onednn  # pylint: disable=import-outside-toplevel
+  from srvp_jax.model.onednn import ops  # pylint: disable=import-outside-toplevel
+  if not onednn.available():
+    raise RuntimeError('oneDNN convolutions unavailable (apt-get install -y libdnnl-dev)')
+  n = int(cfg.batch_size) * int(cfg.seq_len)
+  rng = np.random.default_rng(seed)
+  device = _torch_setup(threads, seed) if with_torch else None
+  rows = []
+  for transpose, size, n_in, n_out, k, s, p in conv_shapes(cfg):
+    if transpose:
+      layer = layers.ConvTranspose2d(n_in, n_out, k, s, p, dtype=jnp.float32, rngs=nnx.Rngs(0))
+      xla = layer.xla_form
+      out = (size - 1) * s - 2 * p + k
+    else:
+      xla = functools.partial(onednn.xla_conv2d, stride=s, padding=p)
+      out = (size + 2 * p - k) // s + 1
+    spec = ops.Spec(transpose, s, p, xla)
+    x = jnp.asarray(rng.standard_normal((n, size, size, n_in)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, k, n_in, n_out)) * 0.05, jnp.float32)
+    g = jnp.asarray(rng.standard_normal((n, out, out, n_out)), jnp.float32)
+    xla_fns = (lambda x, w, g: xla(x, w),
+               lambda x, w, g: jax.vjp(lambda x_: xla(x_, w), x)[1](g)[0],
+               lambda x, w, g: jax.vjp(lambda w_: xla(x, w_), w)[1](g)[0])
+    dnn_fns = (lambda x, w, g: ops._forward(spec, x, w),  # pylint: disable=protected-access
+               lambda x, w, g: ops._input_grad(spec, x, w, g),  # pylint: disable=protected-access
+               lambda x, w, g: ops._kernel_grad(spec, x, w, g))  # pylint: disable=protected-access
+    name = f"{'deconv' if transpose else 'conv'} {size}x{size} {n_in}->{n_out} k{k}s{s}"
+    torch_args = None
+    if device is not None:
+      import torch  # pylint: disable=import-outside-toplevel
+      t = lambda a, perm: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(perm))).to(device)
+      tx, tg = t(x, (0, 3, 1, 2)), t(g, (0, 3, 1, 2))
+      tw = t(w, (2, 3, 0, 1) if transpose else (3, 2, 0, 1))
+      conv_args = ([s, s], [p, p], [1, 1], transpose, [0, 0], 1)
+      torch_args = (
+          lambda: torch.ops.aten.convolution(tx, tw, None, *conv_args),
+          lambda: torch.ops.aten.convolution_backward(tg, tx, tw, None, *conv_args, [True, False, False]),
+          lambda: torch.ops.aten.convolution_backward(tg, tx, tw, None, *conv_args, [False, True, False]))
+    for i, pass_name in enumerate(CONV_PASSES):
+      _progress(f'conv {label or cfg.dataset} {name} {pass_name}')
+      medians = []
+      for fn in (dnn_fns[i], xla_fns[i]):
+        compiled = jax.jit(fn).lower(x, w, g).compile()
+        times, others = _time_calls(lambda c=compiled: jax.block_until_ready(c(x, w, g)), warmup, steps)
+        medians.append(statistics.median(times))
+      row = {'kind': 'conv', 'config': label or str(cfg.dataset), 'dtype': 'float32', 'batch': n, 'layer': name,
+             'mode': pass_name, 'median_s': medians[0], 'xla_s': medians[1], 'xla_over_onednn': medians[1] / medians[0],
+             'host_other_cores': others,
+             'note': '; '.join([f'XLA {medians[1]:.4f} s ({medians[1] / medians[0]:.2f}x oneDNN)', *_busy_note(others)])}
+      if torch_args is not None:
+        with torch.no_grad():
+          t_times, t_others = _time_calls(torch_args[i], warmup, steps)
+        row.update(torch_s=statistics.median(t_times), ratio=statistics.median(t_times) / medians[0],
+                   torch_host_other_cores=t_others)
+      rows.append(row)
+  gc.collect()
+  return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # Output.
 def _fmt(value: float | None, spec: str) -> str:
   return '-' if value is None or (isinstance(value, float) and not math.isfinite(value)) else format(value, spec)
@@ -724,6 +839,14 @@ def _dtypes(text: str) -> list[str]:
   return names
 
 
+def _onednn_modes(text: str) -> list[str]:
+  modes = _names(text)
+  bad = [m for m in modes if m not in ('0', '1', 'auto')]
+  if bad:
+    raise argparse.ArgumentTypeError(f'unknown --onednn setting(s) {bad}; valid: 0, 1, auto')
+  return modes
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
   """'k=v,k=v' -> {k: v} with each value parsed as the type of the key's default (unknown keys: errors)."""
   from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
@@ -773,6 +896,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--torch', action='store_true',
                  help='Also time the official PyTorch code (float32 rows; with --layers, its layers too).')
   p.add_argument('--layers', action='store_true', help='Per-layer breakdown (encoder, decoder, dynamics, LSTM).')
+  p.add_argument('--convs', action='store_true',
+                 help='Each convolution of the model, each pass: oneDNN vs XLA (vs PyTorch with --torch).')
+  p.add_argument('--onednn', type=_onednn_modes, default=None, metavar='LIST',
+                 help='SRVP_ONEDNN settings to measure side by side, e.g. 0,1 (default: the environment\'s).')
   p.add_argument('--eval', action='store_true', help='Evaluation-protocol throughput (PSNR/SSIM, then + LPIPS).')
   p.add_argument('--eval_videos', type=_int_at_least(1), default=None,
                  help='Test videos for --eval (default: 256 on accelerators, 4 on CPU).')
@@ -837,12 +964,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   n_eval = args.eval_videos or (4 if on_cpu else 256)
   rows: list[dict] = []
   failed = False
-  for name in args.configs:
+  modes = args.onednn or [None]
+  for name, dnn in [(n, m) for n in args.configs for m in modes]:
+    tag = name if dnn is None or len(modes) == 1 else f'{name} onednn={dnn}'
+    if dnn is not None:
+      os.environ['SRVP_ONEDNN'] = dnn  # Read when the programs are traced.
     for dtype in args.dtypes:
       cfg = configs[name, dtype]
-      what = {'kind': 'train', 'config': name, 'dtype': dtype, 'batch': int(cfg.batch_size)}
+      what = {'kind': 'train', 'config': tag, 'dtype': dtype, 'batch': int(cfg.batch_size)}
       _progress(f'train {name} {dtype} batch {cfg.batch_size}')
-      row, err = _attempt(functools.partial(time_train_step, cfg, warmup=args.warmup, steps=args.steps, label=name),
+      row, err = _attempt(functools.partial(time_train_step, cfg, warmup=args.warmup, steps=args.steps, label=tag),
                           what)
       row = row or err
       failed |= err is not None
@@ -864,23 +995,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.layers:
       for dtype in args.dtypes:
         cfg = configs[name, dtype]
-        what = {'kind': 'layer', 'layer': 'all', 'mode': 'layers', 'config': name, 'dtype': dtype,
+        what = {'kind': 'layer', 'layer': 'all', 'mode': 'layers', 'config': tag, 'dtype': dtype,
                 'batch': int(cfg.batch_size)}
         l_rows, err = _attempt(functools.partial(time_layers, cfg, warmup=args.warmup, steps=args.steps,
-                                                 with_torch=args.torch, threads=args.threads, label=name), what)
+                                                 with_torch=args.torch, threads=args.threads, label=tag), what)
         rows.extend(l_rows or [err])
         failed |= err is not None
+    if args.convs and dnn in (None, modes[0]):  # Both backends in each row: once per config.
+      what = {'kind': 'conv', 'layer': 'all', 'mode': 'convs', 'config': tag, 'dtype': 'float32',
+              'batch': int(configs[name, args.dtypes[0]].batch_size)}
+      c_rows, err = _attempt(functools.partial(time_convs, configs[name, args.dtypes[0]], warmup=args.warmup,
+                                               steps=args.steps, with_torch=args.torch, threads=args.threads,
+                                               label=tag), what)
+      rows.extend(c_rows or [err])
+      failed |= err is not None
     if args.eval:
       for dtype in args.dtypes:
         cfg = configs[name, dtype]
         model = build_model(cfg, jax.random.key(0))
         for with_lpips in (False, True):
           metrics = ['psnr', 'ssim'] + (['lpips'] if with_lpips else [])
-          what = {'kind': 'eval', 'config': name, 'dtype': dtype, 'batch': min(int(cfg.batch_size_test), n_eval),
+          what = {'kind': 'eval', 'config': tag, 'dtype': dtype, 'batch': min(int(cfg.batch_size_test), n_eval),
                   'metrics': metrics}
           _progress(f"eval {name} {dtype} {','.join(metrics)}: {n_eval} videos")
           row, err = _attempt(functools.partial(time_evaluation, cfg, n_videos=n_eval, n_samples=args.eval_samples,
-                                                with_lpips=with_lpips, model=model, label=name), what)
+                                                with_lpips=with_lpips, model=model, label=tag), what)
           rows.append(row or err)
           failed |= err is not None
           if not err:
