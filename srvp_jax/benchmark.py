@@ -454,6 +454,79 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   return row
 
 
+def _torch_ssim(pred: 'torch.Tensor', target: 'torch.Tensor') -> 'torch.Tensor':
+  """SSIM per frame of (N, C, H, W) tensors in [0, 1]: 11x11 Gaussian window (sigma 1.5), valid, k1 .01, k2 .03."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  taps = torch.arange(11, dtype=torch.float32, device=pred.device) - 5
+  g = torch.exp(-taps ** 2 / (2 * 1.5 ** 2))
+  g = g / g.sum()
+  n_c = pred.shape[1]
+  window = (g[:, None] * g[None, :]).expand(n_c, 1, 11, 11).contiguous()
+  blur = lambda a: F.conv2d(a, window, groups=n_c)
+  mu_p, mu_t = blur(pred), blur(target)
+  var_p, var_t = blur(pred * pred) - mu_p ** 2, blur(target * target) - mu_t ** 2
+  cov = blur(pred * target) - mu_p * mu_t
+  c1, c2 = 0.01 ** 2, 0.03 ** 2
+  ssim_map = (2 * mu_p * mu_t + c1) * (2 * cov + c2) / ((mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2))
+  return ssim_map.mean(dim=(1, 2, 3))
+
+
+def time_test_py(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples: int | None = None,
+                 lpips_model: Any = None, seed: int = 0, threads: int | None = None) -> dict:
+  """The official ``test.py`` algorithm in PyTorch on the same work as ``time_evaluation``.
+
+  For each batch of test videos and each sample, as ``test.py`` does: the inference pass over the
+  conditioning frames and the prior rollout (``TorchSRVP.predict``: nt_cond + nt_pred decoded frames), then
+  that sample's PSNR, SSIM and, with ``lpips_model`` (the torch module of ``lpips_bridge.LPIPS``), LPIPS of
+  its predicted frames; best / worst per video kept as it goes. Random uint8 videos as ``time_evaluation``
+  (same seed). Returns test_py_s (total), its per-sample median and the device.
+  """
+  import torch  # pylint: disable=import-outside-toplevel
+
+  from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel
+  device = _torch_setup(threads, seed)
+  dataset = eval_dataset(cfg)
+  nt_gen = int(config_lib.PAPER_TEST[dataset]['nt_gen'])
+  n_samples = int(n_samples or config_lib.PAPER_TEST[dataset]['n_samples'])
+  nt_cond, n_euler = int(cfg.nt_cond), int(cfg.n_euler_steps)
+  nt_pred = nt_gen - nt_cond
+  batch = min(int(cfg.batch_size_test), int(n_videos))
+  model = torch_srvp.TorchSRVP(cfg).to(device).eval()
+  videos = np.random.default_rng(seed).integers(0, 256, size=(n_videos, nt_gen, 64, 64, int(cfg.nc)), dtype=np.uint8)
+  ny, nz = int(cfg.ny), int(cfg.nz)
+  per_sample = []
+  start = _cpu_snapshot()
+  t0 = time.perf_counter()
+  with torch.no_grad():
+    for lo in range(0, n_videos, batch):
+      x = torch.from_numpy(videos[lo:lo + batch]).to(device).permute(1, 0, 4, 2, 3).float() / 255
+      n = x.shape[1]
+      x_cond, target = x[:nt_cond], x[nt_cond:].reshape(nt_pred * n, *x.shape[2:])
+      best = {'psnr': torch.full((n,), -math.inf), 'ssim': torch.full((n,), -math.inf),
+              'lpips': torch.full((n,), math.inf)}
+      for _ in range(n_samples):
+        s0 = time.perf_counter()
+        pred = model.predict(x_cond, torch.randn(n, ny, device=device), torch.randn(nt_cond - 1, n, nz, device=device),
+                             torch.randn(nt_pred, n, nz, device=device), nt_pred, n_euler).x_pred
+        pred = pred.reshape(nt_pred * n, *pred.shape[2:])
+        mse = ((pred - target) ** 2).mean(dim=(2, 3))
+        scores = {'psnr': (10 * torch.log10(1 / mse)).mean(1), 'ssim': _torch_ssim(pred, target)}
+        if lpips_model is not None:
+          rgb = lambda a: (a.expand(-1, 3, -1, -1) if a.shape[1] == 1 else a) * 2 - 1
+          scores['lpips'] = lpips_model(rgb(target), rgb(pred)).reshape(-1)
+        for name, values in scores.items():
+          per_video = values.reshape(nt_pred, n).mean(0).cpu()
+          best[name] = torch.minimum(best[name], per_video) if name == 'lpips' else torch.maximum(best[name], per_video)
+        per_sample.append(time.perf_counter() - s0)
+  total = time.perf_counter() - t0
+  others = _other_cores(start, _cpu_snapshot())
+  del model
+  gc.collect()
+  return {'test_py_s': total, 'test_py_sample_s': statistics.median(per_sample), 'torch_device': str(device),
+          'torch_threads': torch.get_num_threads(), 'torch_host_other_cores': others}
+
+
 # ------------------------------------------------------------------------------------------------
 # Layers.
 LAYERS = ('encoder', 'decoder', 'dynamics', 'lstm')
@@ -1024,6 +1097,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           failed |= err is not None
           if not err:
             _progress(f"  {row['frames_per_s']:.1f} frames/s, {row['total_s']:.1f} s")
+          if args.torch and dtype == 'float32' and not err:
+            _progress(f"test.py (PyTorch) {name} {','.join(metrics)}: {n_eval} videos")
+            lpips_model = hooks.LpipsOnFrames(None).model.model if with_lpips else None
+            t_row, t_err = _attempt(functools.partial(time_test_py, cfg, n_videos=n_eval, n_samples=args.eval_samples,
+                                                      lpips_model=lpips_model, threads=args.threads), what)
+            if t_err:
+              row['note'] += f"; test.py failed: {t_err['error']}"
+              failed = True
+            else:
+              row.update(t_row, torch_s=t_row['test_py_s'], ratio=t_row['test_py_s'] / row['total_s'])
+              row['note'] += '; torch s: the official test.py algorithm' + ''.join(
+                  '; ' + n for n in _busy_note(None, t_row['torch_host_other_cores']))
+              _progress(f"  test.py {t_row['test_py_s']:.1f} s")
         del model
   info = device_info() | {'overrides': dict(args.override)}  # torch may have been imported since.
   info.update(load_avg_1m_before=load_before, date=started)
