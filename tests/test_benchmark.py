@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from srvp_jax import benchmark
+from srvp_jax.model import onednn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2, nt_inf=2, batch_size_test=2)
@@ -60,6 +61,42 @@ def test_time_layers_both_frameworks():
     assert positive_finite(r['median_s']) and positive_finite(r['compile_s']), r
     assert positive_finite(r['torch_s']) and r['ratio'] == r['torch_s'] / r['median_s'], r
   assert 'skips' in next(r for r in rows if r['layer'] == 'decoder')['shape']
+
+
+@pytest.mark.skipif(not onednn.available(), reason='oneDNN unavailable (apt-get install -y libdnnl-dev)')
+def test_time_convs_every_pass_of_every_convolution():
+  cfg = tiny_config(batch_size=1)
+  shapes = benchmark.conv_shapes(cfg)
+  # DCGAN: four stride-2 convolutions (64x64 -> 4x4) and four stride-2 transposed convolutions (4x4 -> 64x64);
+  # the 4x4 'valid' convolution and the 1x1 -> 4x4 transposed one are matrix products.
+  assert (False, 64, 1, 8, 4, 2, 1) in shapes and (True, 32, 8, 1, 4, 2, 1) in shapes and len(shapes) == 8
+  rows = benchmark.time_convs(cfg, warmup=0, steps=1, with_torch=True, label='smmnist')
+  assert len(rows) == 3 * len(shapes)
+  assert {r['mode'] for r in rows} == set(benchmark.CONV_PASSES)
+  for r in rows:
+    assert positive_finite(r['median_s']) and positive_finite(r['xla_s']) and positive_finite(r['torch_s']), r
+    assert r['batch'] == cfg.batch_size * cfg.seq_len and r['ratio'] == r['torch_s'] / r['median_s']
+
+
+def test_test_py_baseline_runs_the_official_protocol():
+  cfg = tiny_config()
+  from srvp_jax.evaluation import hooks  # pylint: disable=import-outside-toplevel
+  row = benchmark.time_test_py(cfg, n_videos=3, n_samples=2, lpips_model=hooks.LpipsOnFrames(None).model.model)
+  assert positive_finite(row['test_py_s']) and positive_finite(row['test_py_sample_s'])
+  assert row['test_py_sample_s'] <= row['test_py_s'] and row['torch_device'] == 'cpu'
+
+
+def test_torch_ssim_matches_ours():
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  from srvp_jax.metrics import image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  a, b = rng.uniform(size=(2, 4, 64, 64, 3)).astype(np.float32)
+  b = np.clip(a + 0.1 * b, 0, 1)
+  ours = np.asarray(image.ssim(jnp.asarray(a), jnp.asarray(b)))
+  theirs = benchmark._torch_ssim(torch.from_numpy(a).permute(0, 3, 1, 2), torch.from_numpy(b).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)
 
 
 def test_cli_table_and_json(tmp_path):
