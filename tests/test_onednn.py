@@ -135,7 +135,8 @@ def test_layers_dispatch_by_dtype_and_platform(monkeypatch):
     assert not onednn.enabled(jnp.float32)
   # Frames (1 or 3 channels): the last transposed convolution's forward and input gradient stay on XLA.
   assert onednn.route_for(True, 4, 2, 64, 1) == onednn.Route(False, False, True)
-  assert onednn.route_for(False, 4, 2, 3, 64) == onednn.Route(True, False, True)
+  assert onednn.route_for(False, 4, 2, 1, 64) == onednn.Route(True, False, True)
+  assert onednn.route_for(False, 3, 1, 3, 64) == onednn.Route(False, False, True)
   assert onednn.route_for(True, 4, 2, 128, 64) == onednn.ALL
   monkeypatch.setenv(onednn.ENV, '0')
   assert not onednn.enabled(jnp.float32)

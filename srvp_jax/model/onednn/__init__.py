@@ -85,15 +85,16 @@ def enabled(dtype) -> bool:
 
 
 # Below this many channels on the image side (a frame's 1 or 3), oneDNN's kernels for the passes that
-# produce or read that side at full resolution lose to XLA's (measured with `benchmark --convs`, smmnist
-# batch 16: the last transposed convolution 64->1 forward 0.24 s vs 0.04 s, its input gradient 0.14 s vs
-# 0.10 s; the first convolution's input gradient 0.55 s vs 0.22 s), while its kernel gradient wins 12x.
+# produce or read that side at full resolution lose to XLA's (`benchmark --convs`, 2 threads: smmnist's last
+# transposed convolution 64->1 forward 0.24 s vs XLA 0.04 s, input gradient 0.14 s vs 0.10 s; BAIR's first
+# 3x3 convolution 3->64 forward 0.32 s vs 0.07 s, input gradient 0.40 s vs 0.18 s), except the strided first
+# convolution's forward (smmnist 1->64: 0.29 s vs 0.42 s); their kernel gradients win 1.4-12x on oneDNN.
 MIN_IMAGE_CHANNELS = 8
 
 
 def route_for(transpose: bool, kernel: int, stride: int, n_in: int, n_out: int) -> Route:
   """The passes of a layer that run on oneDNN (per-pass measurements: BENCHMARKS.md, oneDNN section)."""
-  del kernel, stride
+  del kernel
   if (n_out if transpose else n_in) < MIN_IMAGE_CHANNELS:
-    return Route(forward=not transpose, input_grad=False, kernel_grad=True)
+    return Route(forward=not transpose and stride > 1, input_grad=False, kernel_grad=True)
   return ALL
