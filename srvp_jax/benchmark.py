@@ -715,7 +715,8 @@ def conv_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[bool, int, int, in
       del args, kwargs
       k = w.shape[0]
       seen[(transpose, x.shape[-3], w.shape[2], w.shape[3], k, stride, padding)] = None
-      size = (x.shape[-3] - 1) * stride - 2 * padding + k if transpose else (x.shape[-3] + 2 * padding - k) // stride + 1
+      size = x.shape[-3]
+      size = (size - 1) * stride - 2 * padding + k if transpose else (size + 2 * padding - k) // stride + 1
       return jnp.zeros((*x.shape[:-3], size, size, w.shape[3]), x.dtype)
     return record
 
@@ -799,7 +800,8 @@ def time_convs(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int = 
       row = {'kind': 'conv', 'config': label or str(cfg.dataset), 'dtype': 'float32', 'batch': n, 'layer': name,
              'mode': pass_name, 'median_s': medians[0], 'xla_s': medians[1], 'xla_over_onednn': medians[1] / medians[0],
              'host_other_cores': others,
-             'note': '; '.join([f'XLA {medians[1]:.4f} s ({medians[1] / medians[0]:.2f}x oneDNN)', *_busy_note(others)])}
+             'note': '; '.join([f'XLA {medians[1]:.4f} s ({medians[1] / medians[0]:.2f}x oneDNN)',
+                                *_busy_note(others)])}
       if torch_args is not None:
         with torch.no_grad():
           t_times, t_others = _time_calls(torch_args[i], warmup, steps)

@@ -48,7 +48,7 @@ class Spec:
 
 
 def _call(mode: int, shape: tuple[int, ...], a: Array, b: Array, stride: int, padding: int) -> Array:
-  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32))(
+  return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.float32), vmap_method='sequential')(
       a, b, mode=np.int64(mode), stride=np.int64(stride), padding=np.int64(padding))
 
 
