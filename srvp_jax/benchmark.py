@@ -1109,8 +1109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               failed = True
             else:
               row.update(t_row, torch_s=t_row['test_py_s'], ratio=t_row['test_py_s'] / row['total_s'])
-              row['note'] += '; torch s: the official test.py algorithm' + ''.join(
-                  '; ' + n for n in _busy_note(None, t_row['torch_host_other_cores']))
+              busy = t_row['torch_host_other_cores'] or 0.0
+              row['note'] += '; torch s: the official test.py algorithm' + (
+                  f'; other processes used {busy:.1f} cores while timing test.py' if busy >= BUSY_CORES else '')
               _progress(f"  test.py {t_row['test_py_s']:.1f} s")
         del model
   info = device_info() | {'overrides': dict(args.override)}  # torch may have been imported since.
