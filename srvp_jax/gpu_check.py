@@ -301,3 +301,72 @@ def check_eval(cfg: Mapping[str, Any], target: str = 'h100', label: str | None =
 
 
 CHECKS = {'train': check_train, 'val': check_val, 'eval': check_eval}
+
+
+def _gib(n: int | float | None) -> str:
+  return '-' if n is None else f'{n / 2**30:.2f}'
+
+
+def format_table(reports: list[ProgramReport], target: str) -> str:
+  """The check's table: one line per program (memory against the device, FLOPs, census)."""
+  device = device_memory(target)
+  lines = [f'deviceless compile for {target} ({device / 2**30:.1f} GiB; fits: peak <= {1 - HEADROOM:.0%} of it); '
+           'peak = arguments + outputs - donated + temporaries, before cuDNN autotuning workspace',
+           f'{"config":22} {"program":7} {"dtype":8} {"precision":13} {"batch":>5} {"peak GiB":>8} {"fits":>4} '
+           f'{"TFLOP":>7} {"cuDNN fwd/bwd-in/bwd-filt":>25} {"XLA conv":>8} {"dots (highest)":>14} '
+           f'{"GEMM fus":>8} {"while":>5} {"compile s":>9}  detail']
+  for r in reports:
+    c = r.census
+    convs = '/'.join(str(c.get(f'cudnn_{k}', 0)) for k in ('convForward', 'convBackwardInput', 'convBackwardFilter'))
+    highest = f"{c['dots']} ({c['dots_highest']})"
+    flops = '-' if r.flops is None else f'{r.flops / 1e12:.3f}'
+    precision = r.precision if r.dtype == 'float32' else '-'
+    lines.append(f'{r.config:22} {r.program:7} {r.dtype:8} {precision:13} {r.batch:5d} {_gib(r.peak_bytes):>8} '
+                 f'{"yes" if r.fits else "NO":>4} {flops:>7} {convs:>25} {c["xla_convs"]:8d} {highest:>14} '
+                 f'{c["gemm_fusions"]:8d} {c["while_loops"]:5d} {r.compile_s:9.1f}  {r.detail}')
+  return '\n'.join(lines)
+
+
+def main(configs: Mapping[tuple[str, str], Any], target: str, programs: list[str], json_path: str | None,
+         progress) -> int:
+  """``python -m srvp_jax.benchmark --target``: compiles ``programs`` of each (config, dtype) for ``target``.
+
+  Prints the table; exit status 0, 1 when a program would not fit (one ``error:`` line each) or a compile
+  failed, 2 when the check cannot run here (no CUDA plugin, ...).
+  """
+  import datetime  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update('jax_platforms', 'cpu')  # Compile-only GPU devices come from a CPU process.
+  try:
+    target_mesh(target)
+  except CheckError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  reports, errors = [], []
+  for (name, dtype), cfg in configs.items():
+    for program in programs:
+      progress(f'{target} {program} {name} {dtype} ({cfg.precision})')
+      try:
+        r = CHECKS[program](cfg, target, label=name)
+      except Exception as e:  # pylint: disable=broad-except
+        text = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        errors.append(f'{name} {program} {dtype}: compilation for {target} failed: {text}')
+        continue
+      progress(f'  peak {_gib(r.peak_bytes)} GiB, compile {r.compile_s:.1f} s')
+      reports.append(r)
+      if not r.fits:
+        errors.append(f'{name} {program} {dtype} needs {_gib(r.peak_bytes)} GiB on the {target} '
+                      f'(limit {_gib((1 - HEADROOM) * r.device_bytes)} GiB: {HEADROOM:.0%} headroom)')
+  print(format_table(reports, target))
+  if json_path:
+    info = {'target': target, 'device_memory_bytes': device_memory(target), 'jax': jax.__version__,
+            'date': datetime.datetime.now().astimezone().isoformat(timespec='seconds')}
+    with open(json_path, 'w', encoding='utf-8') as f:
+      json.dump({**info, 'rows': [r.row() for r in reports]}, f, indent=1)
+    progress(f'wrote {json_path}')
+  for e in errors:
+    print(f'error: {e}', file=sys.stderr)
+  return 1 if errors else 0
