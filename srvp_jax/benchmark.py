@@ -75,15 +75,15 @@ if TYPE_CHECKING:
 PAPER_CONFIGS = ('smmnist', 'mmnist_deterministic', 'kth', 'human', 'bair')
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 DTYPES = ('float32', 'bfloat16')
-# Dense peak FLOP/s per device: (device_kind substring, bfloat16, float32). float32 is the TF32
-# tensor-core peak, XLA's default precision for float32 convolutions and matrix products on these GPUs.
-# Checked in order; None: unknown (MFU not reported).
-PEAK_FLOPS: tuple[tuple[str, float | None, float | None], ...] = (
-    ('H100 PCIe', 756e12, 378e12),
-    ('H100 NVL', None, None),
-    ('H100', 989e12, 494e12),
-    ('H200', 989e12, 494e12),
-    ('A100', 312e12, 156e12),
+# Dense peak FLOP/s per device: (device_kind substring, bfloat16, TF32 tensor cores, true float32). The
+# float32 peak is the one of the config's ``precision``: 'float32' (Precision.HIGHEST: CUDA cores) or
+# 'tensorfloat32' (XLA's default for float32 on these GPUs). Checked in order; None: unknown (no MFU).
+PEAK_FLOPS: tuple[tuple[str, float | None, float | None, float | None], ...] = (
+    ('H100 PCIe', 756e12, 378e12, 51.2e12),
+    ('H100 NVL', None, None, None),
+    ('H100', 989e12, 494e12, 67e12),
+    ('H200', 989e12, 494e12, 67e12),
+    ('A100', 312e12, 156e12, 19.5e12),
 )
 BUSY_CORES = 0.25  # Other processes' cores while timing above which rows say the host was busy.
 MIN_LOAD_WINDOW_S = 1.0  # Shorter timings are not checked for other processes' load (tick resolution).
@@ -162,11 +162,11 @@ def device_info() -> dict[str, Any]:
   return info
 
 
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """Dense peak FLOP/s of one device of that kind for the compute dtype, or None when unknown."""
-  for name, bf16, f32 in PEAK_FLOPS:
+def peak_flops(device_kind: str, dtype: str, precision: str = 'float32') -> float | None:
+  """Dense peak FLOP/s of one device of that kind for the compute dtype and precision, or None when unknown."""
+  for name, bf16, tf32, f32 in PEAK_FLOPS:
     if name in device_kind:
-      return bf16 if dtype == 'bfloat16' else f32
+      return bf16 if dtype == 'bfloat16' else tf32 if precision == 'tensorfloat32' else f32
   return None
 
 
@@ -344,11 +344,12 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   median = statistics.median(times)
   flops = _cost_flops(compiled)
   dev_kind = jax.devices()[0].device_kind
-  peak = peak_flops(dev_kind, cfg.compute_dtype) if jax.default_backend() == 'gpu' else None
+  peak = peak_flops(dev_kind, cfg.compute_dtype, cfg.precision) if jax.default_backend() == 'gpu' else None
   mem, mem_kind = peak_memory()
   row = {
       'kind': 'train', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
-      'precision': str(cfg.precision), 'batch': batch, 'seq_len': nt, 'devices': n_dev, 'warmup': warmup, 'steps': steps, 'median_s': median,
+      'precision': str(cfg.precision), 'batch': batch, 'seq_len': nt, 'devices': n_dev, 'warmup': warmup,
+      'steps': steps, 'median_s': median,
       'min_s': min(times), 'times_s': times, 'videos_per_s': batch / median, 'lower_s': t_lower,
       'compile_s': compile_s, 'first_step_s': first_step_s, 'peak_memory_bytes': mem, 'peak_memory_kind': mem_kind,
       'program_bytes': _program_bytes(compiled), 'flops': flops,
@@ -444,7 +445,8 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   mem, mem_kind = peak_memory()
   row = {
       'kind': 'eval', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
-      'precision': str(cfg.precision), 'batch': batch, 'metrics': list(metrics), 'n_videos': int(n_videos), 'n_samples': n_samples, 'nt_cond': nt_cond,
+      'precision': str(cfg.precision), 'batch': batch, 'metrics': list(metrics), 'n_videos': int(n_videos),
+      'n_samples': n_samples, 'nt_cond': nt_cond,
       'nt_gen': nt_gen, 'n_euler_steps': n_euler, 'sample_chunk': chunk, 'predicted_frames': res['predicted_frames'],
       'frames_per_s': fps, 'frames_per_s_overall': res['predicted_frames'] / res['sampling_time_s'],
       'steady_rate': steady is not None, 'sampling_time_s': res['sampling_time_s'], 'total_s': total_s,
