@@ -214,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   wall_start = time.perf_counter()
   try:
     args = parse_args(argv)
+    if 'lpips' in args.metrics:
+      # LPIPS runs in torch on the same GPU: JAX must not reserve 75% of its memory up front (XLA's default).
+      os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     setup = _startup(args)
   except StartupError as e:
     print(f'error: {e}', file=sys.stderr)
