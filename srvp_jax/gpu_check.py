@@ -37,6 +37,7 @@ CUDA_PLUGINS = ('jax_cuda13_plugin', 'jax_cuda12_plugin')
 # allocator's fragmentation and the CUDA context. 10% of 80 GB is 8 GB, above what these take in practice.
 HEADROOM = 0.10
 EVAL_BATCH = 16  # ``python -m srvp_jax.evaluate``'s default --batch_size.
+XLA_MEMORY_FRACTION = 0.75  # Of a GPU's memory, JAX's allocator limit (XLA_PYTHON_CLIENT_MEM_FRACTION's default).
 # Optimised-HLO instructions (one per line): cuDNN convolutions by kind, convolutions and dots left as HLO,
 # GEMM fusions (Triton) and cuBLAS calls, while loops; 'highest' when they carry Precision.HIGHEST.
 CUDNN_CONV = re.compile(r'custom_call_target="__cudnn\$(conv\w*)"')
@@ -271,8 +272,9 @@ def check_eval(cfg: Mapping[str, Any], target: str = 'h100', label: str | None =
                batch: int = EVAL_BATCH) -> ProgramReport:
   """The evaluation core (paper protocol) with the sample chunk the evaluation would pick on the target.
 
-  As ``sampling.auto_chunk``: a probe of ``PROBE_SAMPLES`` samples is compiled, its temporaries and outputs
-  per sample against ``DEVICE_MEMORY_FRACTION`` of the device's memory give the chunk, which is compiled.
+  As ``sampling.auto_chunk`` on that GPU: a probe of ``PROBE_SAMPLES`` samples is compiled, its temporaries and
+  outputs per sample against ``DEVICE_MEMORY_FRACTION`` of the allocator's free memory (``XLA_MEMORY_FRACTION``
+  of the device less the model) give the chunk, which is compiled.
   """
   import numpy as np  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -288,7 +290,7 @@ def check_eval(cfg: Mapping[str, Any], target: str = 'h100', label: str | None =
   n_samples, k0 = test['n_samples'], min(sampling.PROBE_SAMPLES, test['n_samples'])
   probe = _best_of_n(cfg, target, protocol, (graphdef, (state,)), batch, nt, k0)
   per_chunk = probe['temp_bytes'] + probe['output_bytes']
-  free = sampling.DEVICE_MEMORY_FRACTION * (device_memory(target) - probe['argument_bytes'])
+  free = sampling.DEVICE_MEMORY_FRACTION * (XLA_MEMORY_FRACTION * device_memory(target) - probe['argument_bytes'])
   k = int(np.clip(free * k0 // max(per_chunk, 1), 1, n_samples))
   chunk = -(-n_samples // -(-n_samples // k))
   report = probe if chunk == k0 else _best_of_n(cfg, target, protocol, (graphdef, (state,)), batch, nt, chunk)
