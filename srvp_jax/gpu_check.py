@@ -168,10 +168,17 @@ def _compile(jitted, args, report: dict) -> tuple[Any, dict]:
   import time  # pylint: disable=import-outside-toplevel
 
   from srvp_jax.model import backend  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   with backend.compile_for('gpu'):
     lowered = jitted.trace(*args).lower()
-  compiled = lowered.compile()
+  # A compile-only executable cannot be loaded back from JAX's persistent compilation cache: never write one.
+  min_time = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', float('inf'))
+  try:
+    compiled = lowered.compile()
+  finally:
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', min_time)
   report['compile_s'] = time.perf_counter() - t0
   report['flops'] = hlo_flops(lowered)
   m = compiled.memory_analysis()
