@@ -56,7 +56,8 @@ class CheckError(RuntimeError):
 def plugin_missing() -> str | None:
   """Why the deviceless check cannot run in this environment (None: it can)."""
   if not any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS):
-    return ('the JAX CUDA plugin is not installed (pip install "jax[cuda13]==<jax version>"; '
+    from importlib import metadata  # pylint: disable=import-outside-toplevel
+    return (f'the JAX CUDA plugin is not installed (pip install "jax[cuda13]=={metadata.version("jax")}"; '
             'it compiles for GPUs without one)')
   return None
 
