@@ -66,7 +66,7 @@ import ml_collections
 import numpy as np
 
 from srvp_jax import config as config_lib
-from srvp_jax import evaluation
+from srvp_jax import evaluation, gpu_check
 from srvp_jax.evaluation import hooks, report, sampling
 
 if TYPE_CHECKING:
@@ -75,21 +75,23 @@ if TYPE_CHECKING:
 PAPER_CONFIGS = ('smmnist', 'mmnist_deterministic', 'kth', 'human', 'bair')
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 DTYPES = ('float32', 'bfloat16')
-# Dense peak FLOP/s per device: (device_kind substring, bfloat16, float32). float32 is the TF32
-# tensor-core peak, XLA's default precision for float32 convolutions and matrix products on these GPUs.
-# Checked in order; None: unknown (MFU not reported).
-PEAK_FLOPS: tuple[tuple[str, float | None, float | None], ...] = (
-    ('H100 PCIe', 756e12, 378e12),
-    ('H100 NVL', None, None),
-    ('H100', 989e12, 494e12),
-    ('H200', 989e12, 494e12),
-    ('A100', 312e12, 156e12),
+# Dense peak FLOP/s per device: (device_kind substring, bfloat16, TF32 tensor cores, true float32). The
+# float32 peak is the one of the config's ``precision``: 'float32' (Precision.HIGHEST: CUDA cores) or
+# 'tensorfloat32' (XLA's default for float32 on these GPUs). Checked in order; None: unknown (no MFU).
+PEAK_FLOPS: tuple[tuple[str, float | None, float | None, float | None], ...] = (
+    ('H100 PCIe', 756e12, 378e12, 51.2e12),
+    ('H100 NVL', None, None, None),
+    ('H100', 989e12, 494e12, 67e12),
+    ('H200', 989e12, 494e12, 67e12),
+    ('A100', 312e12, 156e12, 19.5e12),
 )
 BUSY_CORES = 0.25  # Other processes' cores while timing above which rows say the host was busy.
 MIN_LOAD_WINDOW_S = 1.0  # Shorter timings are not checked for other processes' load (tick resolution).
 LPIPS_NOTE = 'LPIPS with a random AlexNet backbone (same cost as the real weights)'
 EXAMPLE = ('example:\n  python -m srvp_jax.benchmark --configs smmnist,bair --batch 16 --dtypes float32,bfloat16 '
            '--torch --json runs/bench.json\n'
+           'deviceless H100 compile (memory, FLOPs, kernels; needs the JAX CUDA plugin):\n'
+           '  python -m srvp_jax.benchmark --target h100 --configs smmnist,bair --dtypes float32,bfloat16\n'
            'smoke test (tiny model):\n  python -m srvp_jax.benchmark --configs smmnist --batch 4 --steps 1 '
            '--override nf=8,nhx=16,ny=4,nz=4,nh_inf=16,nh_res=16,seq_len=6,nt_cond=2,nt_inf=2')
 
@@ -104,7 +106,7 @@ def _progress(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Configs.
-def load_config(name: str, *, batch: int | None = None, dtype: str = 'float32',
+def load_config(name: str, *, batch: int | None = None, dtype: str = 'float32', precision: str | None = None,
                 overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """A paper config (name in PAPER_CONFIGS, or a path to a config file with get_config()) as an unlocked
   ConfigDict, with ``batch_size`` (when given), ``compute_dtype`` and ``overrides`` applied and validated.
@@ -129,6 +131,8 @@ def load_config(name: str, *, batch: int | None = None, dtype: str = 'float32',
   if batch is not None:
     values['batch_size'] = int(batch)
   values['compute_dtype'] = dtype
+  if precision is not None:
+    values['precision'] = precision
   return config_lib.with_overrides(**values)
 
 
@@ -158,11 +162,11 @@ def device_info() -> dict[str, Any]:
   return info
 
 
-def peak_flops(device_kind: str, dtype: str) -> float | None:
-  """Dense peak FLOP/s of one device of that kind for the compute dtype, or None when unknown."""
-  for name, bf16, f32 in PEAK_FLOPS:
+def peak_flops(device_kind: str, dtype: str, precision: str = 'float32') -> float | None:
+  """Dense peak FLOP/s of one device of that kind for the compute dtype and precision, or None when unknown."""
+  for name, bf16, tf32, f32 in PEAK_FLOPS:
     if name in device_kind:
-      return bf16 if dtype == 'bfloat16' else f32
+      return bf16 if dtype == 'bfloat16' else tf32 if precision == 'tensorfloat32' else f32
   return None
 
 
@@ -340,11 +344,12 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   median = statistics.median(times)
   flops = _cost_flops(compiled)
   dev_kind = jax.devices()[0].device_kind
-  peak = peak_flops(dev_kind, cfg.compute_dtype) if jax.default_backend() == 'gpu' else None
+  peak = peak_flops(dev_kind, cfg.compute_dtype, cfg.precision) if jax.default_backend() == 'gpu' else None
   mem, mem_kind = peak_memory()
   row = {
-      'kind': 'train', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype), 'batch': batch,
-      'seq_len': nt, 'devices': n_dev, 'warmup': warmup, 'steps': steps, 'median_s': median,
+      'kind': 'train', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
+      'precision': str(cfg.precision), 'batch': batch, 'seq_len': nt, 'devices': n_dev, 'warmup': warmup,
+      'steps': steps, 'median_s': median,
       'min_s': min(times), 'times_s': times, 'videos_per_s': batch / median, 'lower_s': t_lower,
       'compile_s': compile_s, 'first_step_s': first_step_s, 'peak_memory_bytes': mem, 'peak_memory_kind': mem_kind,
       'program_bytes': _program_bytes(compiled), 'flops': flops,
@@ -439,8 +444,9 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   fps = steady if steady is not None else res['predicted_frames'] / res['sampling_time_s']
   mem, mem_kind = peak_memory()
   row = {
-      'kind': 'eval', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype), 'batch': batch,
-      'metrics': list(metrics), 'n_videos': int(n_videos), 'n_samples': n_samples, 'nt_cond': nt_cond,
+      'kind': 'eval', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
+      'precision': str(cfg.precision), 'batch': batch, 'metrics': list(metrics), 'n_videos': int(n_videos),
+      'n_samples': n_samples, 'nt_cond': nt_cond,
       'nt_gen': nt_gen, 'n_euler_steps': n_euler, 'sample_chunk': chunk, 'predicted_frames': res['predicted_frames'],
       'frames_per_s': fps, 'frames_per_s_overall': res['predicted_frames'] / res['sampling_time_s'],
       'steady_rate': steady is not None, 'sampling_time_s': res['sampling_time_s'], 'total_s': total_s,
@@ -983,8 +989,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--threads', type=_int_at_least(1), default=None, help='torch.set_num_threads (default: torch\'s).')
   p.add_argument('--override', type=parse_overrides, default={}, metavar='KEY=VALUE,...',
                  help='Config values to override in every config (e.g. a tiny model for smoke tests).')
+  p.add_argument('--precision', default='float32', choices=config_lib.PRECISIONS,
+                 help='float32 convolutions and matrix products: float32 (true float32, default) or tensorfloat32.')
+  p.add_argument('--target', default=None, choices=sorted(gpu_check.TARGETS),
+                 help='Compile (not run) the train step, validation and evaluation cores for this GPU, without one '
+                      '(srvp_jax.gpu_check; needs the JAX CUDA plugin): memory, FLOPs and kernel census.')
+  p.add_argument('--programs', type=_programs, default=list(gpu_check.PROGRAMS), metavar='LIST',
+                 help=f'With --target: programs among {",".join(gpu_check.PROGRAMS)} (default: all).')
   p.add_argument('--json', default=None, metavar='FILE', help='Also write the rows as JSON (parent folders created).')
   return p.parse_args(argv)
+
+
+def _programs(text: str) -> list[str]:
+  names = _names(text)
+  bad = [n for n in names if n not in gpu_check.PROGRAMS]
+  if bad:
+    raise argparse.ArgumentTypeError(f'unknown program(s) {bad}; valid: {", ".join(gpu_check.PROGRAMS)}')
+  return names
 
 
 def _attempt(fn: Callable[[], Any], row_base: Mapping[str, Any]) -> tuple[Any, dict | None]:
@@ -1008,7 +1029,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   try:
     args = parse_args(argv)
-    configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, overrides=args.override)
+    configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, precision=args.precision,
+                                          overrides=args.override)
                for name in args.configs for dtype in args.dtypes}
     if args.json:
       try:
@@ -1018,6 +1040,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (UsageError, config_lib.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  if args.target:
+    return gpu_check.main(configs, args.target, args.programs, args.json, _progress)
   if args.torch or args.eval:
     # torch shares the accelerator: JAX must not reserve most of its memory up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')

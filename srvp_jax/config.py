@@ -35,6 +35,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 # Options of ours, with their defaults.
 EXTRA_DEFAULTS: dict[str, Any] = dict(
     compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
+    precision='float32',  # float32 compute: 'float32' (true float32) or 'tensorfloat32' (TF32 on A100 / H100 GPUs).
     param_dtype='float32',  # Parameters, statistics, accumulations: 'float32' ('float64': reference replay, x64).
     init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
     keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
@@ -71,6 +72,7 @@ MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf',
               'nlayers_res', 'archi')
 DATASETS = ('smmnist', 'mmnist', 'kth', 'human', 'bair')
 ARCHITECTURES = ('dcgan', 'vgg')
+PRECISIONS = ('float32', 'tensorfloat32')
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
       raise ConfigError(f'{key}={cfg[key]}: an MLP needs at least 2 layers')
   if cfg['compute_dtype'] not in ('float32', 'bfloat16'):
     raise ConfigError(f"compute_dtype={cfg['compute_dtype']!r}: expected 'float32' or 'bfloat16'")
+  if cfg.get('precision', 'float32') not in PRECISIONS:
+    raise ConfigError(f"precision={cfg['precision']!r}: expected one of {PRECISIONS} (float32 convolutions and "
+                      'matrix products; bfloat16 compute is compute_dtype=bfloat16)')
   if cfg['param_dtype'] not in ('float32', 'float64'):
     raise ConfigError(f"param_dtype={cfg['param_dtype']!r}: expected 'float32' or 'float64' (float64 needs "
                       'jax_enable_x64)')

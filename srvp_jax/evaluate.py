@@ -214,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   wall_start = time.perf_counter()
   try:
     args = parse_args(argv)
+    if 'lpips' in args.metrics:
+      # LPIPS runs in torch on the same GPU: JAX must not reserve 75% of its memory up front (XLA's default).
+      os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     setup = _startup(args)
   except StartupError as e:
     print(f'error: {e}', file=sys.stderr)
@@ -263,7 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       'data_dir': os.path.abspath(args.data_dir),
       'options': {'nt_cond': nt_cond, 'nt_gen': nt_gen, 'nt_pred': nt_pred, 'n_samples': n_samples,
                   'n_euler_steps': n_euler, 'train_euler_steps': int(cfg.n_euler_steps),
-                  'compute_dtype': args.compute_dtype, 'batch_size': batch_size, 'seed': args.seed,
+                  'compute_dtype': args.compute_dtype, 'precision': str(cfg.get('precision', 'float32')),
+                  'batch_size': batch_size, 'seed': args.seed,
                   'metrics': list(args.metrics), 'sample_chunk': res['sample_chunk'], 'n_videos': args.n_videos},
       'noise': 'jax.random.key(seed) -> fold_in(video index) -> fold_in(sample index); samples 0-4 are random_1-5',
       'n_videos': int(len(videos)),

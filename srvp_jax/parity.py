@@ -93,16 +93,27 @@ def precisions(golden_dir: str) -> list[str]:
   return found
 
 
-def replay(golden_dir: str, precision: str = 'float64', parts: tuple[str, ...] = PARTS) -> list[Comparison]:
-  """One comparison per recorded quantity of ``golden_dir`` in ``precision`` (of the recorded ``parts``)."""
+def replay(golden_dir: str, precision: str = 'float64', parts: tuple[str, ...] = PARTS,
+           forms: str | None = None) -> list[Comparison]:
+  """One comparison per recorded quantity of ``golden_dir`` in ``precision`` (of the recorded ``parts``).
+
+  ``forms``: the platform whose layer formulations are traced ('cpu', 'gpu'; ``model.backend.compile_for``),
+  executed here on CPU; None: this process's backend.
+  """
+  import contextlib  # pylint: disable=import-outside-toplevel
+
   import jax  # pylint: disable=import-outside-toplevel
+
+  from srvp_jax.model import backend  # pylint: disable=import-outside-toplevel
 
   if precision not in REFERENCE_FILES:
     raise ValueError(f'precision={precision!r}: expected one of {sorted(REFERENCE_FILES)}')
   path = os.path.join(golden_dir, REFERENCE_FILES[precision])
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{golden_dir} lacks {REFERENCE_FILES[precision]}')
-  with jax.enable_x64(precision == 'float64'), jax.default_matmul_precision('highest'), np.load(path) as g:
+  forms_context = backend.compile_for(forms) if forms else contextlib.nullcontext()
+  with jax.enable_x64(precision == 'float64'), jax.default_matmul_precision('highest'), forms_context, \
+      np.load(path) as g:
     return list(_replay(golden_dir, precision, dict(g), parts))
 
 
@@ -207,18 +218,22 @@ def _replay(golden_dir: str, precision: str, g: dict, parts: tuple[str, ...]) ->
 
 
 def run(golden_dirs: list[str], printer: Callable[[str], None] = print) -> bool:
-  """Replays every folder in each recorded precision; one line per quantity; True when all pass."""
+  """Replays every folder in each recorded precision, then float64 again with the GPU layer forms (traced
+  for a GPU, run on CPU: both forms are exact); one line per quantity; True when all pass."""
   all_ok = True
   for d in golden_dirs:
-    for precision in precisions(d):
-      printer(f'== {d} ({REFERENCE_FILES[precision]}, {precision})')
-      results = replay(d, precision)
+    runs = [(precision, None) for precision in precisions(d)]
+    runs += [('float64', 'gpu')] if 'float64' in precisions(d) else []
+    for precision, forms in runs:
+      tag = f'{precision}, GPU layer forms' if forms else precision
+      printer(f'== {d} ({REFERENCE_FILES[precision]}, {tag})')
+      results = replay(d, precision, forms=forms)
       for c in results:
         printer(c.line())
       n_ok = sum(c.ok for c in results)
       skipped = ('; float32 gradients of a VGG case are not compared (not a reference)'
                  if precision == 'float32' and not any(c.kind == 'grad' for c in results) else '')
-      printer(f'{d} [{precision}]: {n_ok}/{len(results)} quantities within tolerance{skipped}')
+      printer(f'{d} [{tag}]: {n_ok}/{len(results)} quantities within tolerance{skipped}')
       all_ok &= n_ok == len(results) and bool(results)
   return all_ok
 

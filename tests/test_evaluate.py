@@ -194,7 +194,7 @@ def test_end_to_end_outputs(tiny_eval, mmnist_dir):
   assert report['n_videos'] == N_VIDEOS
   # The default is the final weights (the official test.py loads model.pt), not the best validation.
   assert report['checkpoint']['step'] == 4 and report['checkpoint']['which'] == 'latest'
-  assert report['options']['compute_dtype'] == 'float32'
+  assert report['options']['compute_dtype'] == 'float32' and report['options']['precision'] == 'float32'
   assert report['options']['nt_cond'] == NT_COND and report['options']['nt_pred'] == nt_pred
   assert report['options']['n_samples'] == 7 and report['options']['sample_chunk'] == 3
   assert report['config']['dataset'] == 'smmnist' and report['lpips_backbone'] is None and report['fvd'] is None

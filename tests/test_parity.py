@@ -43,6 +43,14 @@ def test_float64_replay_matches_every_recorded_quantity(golden_dir):
   assert all(c.tolerance == 1e-10 for c in results)
 
 
+def test_float64_replay_with_the_gpu_layer_forms_is_exact():
+  """The GPU forms (lhs-dilated transposed convolutions, traced for a GPU, run here) replay DCGAN exactly."""
+  results = parity.replay(DCGAN, 'float64', forms='gpu')
+  assert {c.name for c in results} == recorded_outputs(DCGAN, 'float64')
+  assert all(c.ok for c in results), [c for c in results if not c.ok]
+  assert max(c.rel_err for c in results) < 1e-12
+
+
 def test_float32_replay_dcgan_matches_values_losses_and_gradients():
   results = parity.replay(DCGAN, 'float32')
   assert {c.name for c in results} == recorded_outputs(DCGAN, 'float32')
@@ -76,6 +84,7 @@ def test_cli_passes_and_exits_0():
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'dcgan [float64]: 98/98 quantities within tolerance' in proc.stdout
   assert 'dcgan [float32]: 98/98 quantities within tolerance' in proc.stdout
+  assert 'dcgan [float64, GPU layer forms]: 98/98 quantities within tolerance' in proc.stdout
 
 
 def test_cli_errors_on_a_folder_without_golden_data(tmp_path):

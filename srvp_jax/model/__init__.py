@@ -47,7 +47,7 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
                                    '(or use `with jax.enable_x64():`)')
     dtype = jnp.float64  # A float64 model computes in float64 throughout.
   kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype,
-                param_dtype=param_dtype)
+                param_dtype=param_dtype, precision=str(cfg.get('precision', 'float32')))
   make = lambda k: SRVP(**kwargs, rngs=nnx.Rngs(params=k))
   # One compiled initialiser: eager construction compiles each layer's initialiser separately,
   # which takes over a minute on a CPU.

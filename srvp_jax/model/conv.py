@@ -19,10 +19,11 @@ from srvp_jax.model.layers import (ConvBlock, Conv2d, ConvTranspose2d, TorchTens
 Array = jax.Array
 
 
-def _block(n_in, n_out, kernel, stride, padding, activation, *, dtype, param_dtype, rngs, transpose=False,
+def _block(n_in, n_out, kernel, stride, padding, activation, *, dtype, param_dtype, precision, rngs, transpose=False,
            batch_norm=True):
   conv_cls = ConvTranspose2d if transpose else Conv2d
-  conv = conv_cls(n_in, n_out, kernel, stride, padding, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  conv = conv_cls(n_in, n_out, kernel, stride, padding, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                  rngs=rngs)
   return ConvBlock(conv, n_out, activation, batch_norm=batch_norm, param_dtype=param_dtype, rngs=rngs)
 
 
@@ -30,9 +31,9 @@ class Encoder(nnx.Module):
   """Frame encoder; ``archi`` is 'dcgan' (strided 4x4 convs) or 'vgg' (3x3 convs + max-pooling)."""
 
   def __init__(self, archi: str, nc: int, nhx: int, nf: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               precision: str = 'float32', rngs: nnx.Rngs):
     self.archi, self.nhx, self.param_dtype = archi, nhx, param_dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     if archi == 'dcgan':
       chans = [nc, nf, 2 * nf, 4 * nf, 8 * nf]
       self.stages = nnx.List([
@@ -79,9 +80,9 @@ class Decoder(nnx.Module):
   (channels, decoder features first) with the matching skip tensor."""
 
   def __init__(self, archi: str, nc: int, n_in: int, nf: int, skipco: bool, *, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
     self.archi, self.skipco, self.param_dtype = archi, skipco, param_dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     coef = 2 if skipco else 1
     self.first = _block(n_in, 8 * nf, 4, 1, 0, leaky_relu, transpose=True, **kw)
     if archi == 'dcgan':

@@ -7,7 +7,9 @@ not a hand-written table that can drift from the architecture.
 Layouts: activations are NHWC; conv kernels HWIO; dense kernels (in, out). Each layer takes two
 dtypes: ``dtype``, the *compute* dtype of its convolutions and matrix products (float32, or bfloat16
 for mixed precision), and ``param_dtype``, the dtype of its parameters, BatchNorm statistics and of
-every accumulation (float32; float64 under ``jax_enable_x64`` for the reference replay).
+every accumulation (float32; float64 under ``jax_enable_x64`` for the reference replay); and the
+``precision`` of float32 convolutions and matrix products (``lax_precision``): 'float32' is true
+float32 (XLA's default on A100 / H100 GPUs would be TF32), 'tensorfloat32' allows TF32.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from srvp_jax.model import onednn
+from srvp_jax.model import backend, onednn
 
 Array = jax.Array
 Dtype = jnp.dtype
@@ -28,6 +30,21 @@ Dtype = jnp.dtype
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch.
 LEAKY_SLOPE = 0.2
+PRECISIONS = ('float32', 'tensorfloat32')
+
+
+def lax_precision(dtype: Dtype, precision: str) -> jax.lax.Precision | None:
+  """The ``lax`` precision of a layer's convolutions / matrix products for a compute dtype and a setting.
+
+  float32 (and float64) compute with 'float32' is ``HIGHEST``: XLA then computes in float32 on every
+  backend (the GPU default for float32 is TF32 tensor cores). 'tensorfloat32' and bfloat16 compute keep
+  XLA's default (None).
+  """
+  if precision not in PRECISIONS:
+    raise ValueError(f'precision={precision!r}: expected one of {PRECISIONS}')
+  if jnp.dtype(dtype).itemsize >= 4 and precision == 'float32':
+    return jax.lax.Precision.HIGHEST
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +102,11 @@ class Linear(nnx.Module):
   """``torch.nn.Linear`` (weight and bias ~ U(+-1/sqrt(fan_in)) unless told otherwise)."""
 
   def __init__(self, n_in: int, n_out: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               kernel_init: Callable | None = None, bias_init: Callable | None = None,
+               precision: str = 'float32', kernel_init: Callable | None = None, bias_init: Callable | None = None,
                init_bound_fan: int | None = None, rngs: nnx.Rngs):
     default = torch_uniform(init_bound_fan or n_in)
-    self.dense = nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init or default,
+    self.dense = nnx.Linear(n_in, n_out, dtype=dtype, param_dtype=param_dtype,
+                            precision=lax_precision(dtype, precision), kernel_init=kernel_init or default,
                             bias_init=bias_init or default, rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
@@ -107,11 +125,12 @@ class MLP(nnx.Module):
   """
 
   def __init__(self, n_in: int, n_hid: int, n_out: int, n_layers: int, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32, kernel_init: Callable | None = None,
+               param_dtype: Dtype = jnp.float32, precision: str = 'float32', kernel_init: Callable | None = None,
                bias_init: Callable | None = None, rngs: nnx.Rngs):
     sizes = [n_in] + [n_hid] * (n_layers - 1) + [n_out]
     self.layers = nnx.List([
-        Linear(a, b, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init, bias_init=bias_init, rngs=rngs)
+        Linear(a, b, dtype=dtype, param_dtype=param_dtype, precision=precision, kernel_init=kernel_init,
+               bias_init=bias_init, rngs=rngs)
         for a, b in zip(sizes[:-1], sizes[1:])
     ])
 
@@ -129,9 +148,9 @@ class LSTM(nnx.Module):
   """One-layer ``torch.nn.LSTM`` (gate order i, f, g, o; two biases) run with ``lax.scan``."""
 
   def __init__(self, n_in: int, n_hid: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               rngs: nnx.Rngs):
+               precision: str = 'float32', rngs: nnx.Rngs):
     self.n_hid, self.param_dtype = n_hid, param_dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, init_bound_fan=n_hid, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, init_bound_fan=n_hid, rngs=rngs)
     self.ih = Linear(n_in, 4 * n_hid, **kw)
     self.hh = Linear(n_hid, 4 * n_hid, **kw)
 
@@ -212,16 +231,18 @@ class Conv2d(nnx.Module):
   """
 
   def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, padding: int, *, dtype: Dtype,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
+    self.precision = lax_precision(dtype, precision)
     self.conv = nnx.Conv(n_in, n_out, (kernel, kernel), (stride, stride), padding=((padding, padding),) * 2,
-                         use_bias=False, dtype=dtype, param_dtype=param_dtype, kernel_init=normal(0.0, 0.02),
-                         rngs=rngs)
+                         use_bias=False, dtype=dtype, param_dtype=param_dtype, precision=self.precision,
+                         kernel_init=normal(0.0, 0.02), rngs=rngs)
     self.kernel_size, self.stride, self.padding, self.dtype = kernel, stride, padding, dtype
 
   def __call__(self, x: Array) -> Array:
     if self.padding == 0 and x.shape[-3:-1] == (self.kernel_size, self.kernel_size):
       kernel = self.conv.kernel[...].astype(self.dtype)
-      out = x.astype(self.dtype).reshape(*x.shape[:-3], -1) @ kernel.reshape(-1, kernel.shape[-1])
+      out = jnp.matmul(x.astype(self.dtype).reshape(*x.shape[:-3], -1), kernel.reshape(-1, kernel.shape[-1]),
+                       precision=self.precision)
       return out[..., None, None, :]
     if onednn.enabled(self.dtype):
       kernel = self.conv.kernel[...]
@@ -250,24 +271,27 @@ class ConvTranspose2d(nnx.Module):
 
   - a 1x1 input with no padding (the decoders' first layer) is a matrix product:
     out[h, w] = x W[h, w];
-  - a strided layer with at least ``PHASE_MIN_CHANNELS`` outputs is split into its ``stride^2``
-    output phases: output pixel (s m + r) only sees the taps k = r + p - s d, so each phase is a
-    stride-1 convolution with a sub-kernel, and the phases are interleaved. Forward and backward
-    then are ordinary stride-1 convolutions (the lhs-dilated form's gradient falls on a slow path
-    of XLA's CPU backend, ~20x slower);
-  - otherwise, the definition: a stride-1 convolution of the ``stride``-dilated input padded by
+  - on CPU (``backend.target_platform()``: the platform the program is traced for), a strided layer
+    with at least ``PHASE_MIN_CHANNELS`` outputs is split into its ``stride^2`` output phases: output
+    pixel (s m + r) only sees the taps k = r + p - s d, so each phase is a stride-1 convolution with a
+    sub-kernel, and the phases are interleaved. Forward and backward then are ordinary stride-1
+    convolutions (the lhs-dilated form's gradient falls on a slow path of XLA's CPU backend, ~20x
+    slower);
+  - otherwise (and on GPUs, where XLA maps it to cuDNN's native backward-data kernel, one call instead
+    of four), the definition: a stride-1 convolution of the ``stride``-dilated input padded by
     ``kernel - 1 - padding`` with the spatially flipped kernel.
   """
 
   def __init__(self, n_in: int, n_out: int, kernel: int, stride: int, padding: int, *, dtype: Dtype,
-               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+               param_dtype: Dtype = jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
     self.kernel = nnx.Param(normal(0.0, 0.02)(rngs.params(), (kernel, kernel, n_in, n_out), param_dtype))
     self.stride, self.padding, self.dtype = stride, padding, dtype
+    self.precision = lax_precision(dtype, precision)
 
   def __call__(self, x: Array) -> Array:
     kernel, x = self.kernel[...].astype(self.dtype), x.astype(self.dtype)
     if x.shape[-3:-1] == (1, 1) and self.padding == 0:
-      return jnp.einsum('...c,hwco->...hwo', x[..., 0, 0, :], kernel)
+      return jnp.einsum('...c,hwco->...hwo', x[..., 0, 0, :], kernel, precision=self.precision)
     if onednn.enabled(self.dtype):
       route = onednn.route_for(True, kernel.shape[0], self.stride, *kernel.shape[-2:])
       if route.any:
@@ -279,11 +303,13 @@ class ConvTranspose2d(nnx.Module):
     k, s, p = kernel.shape[0], self.stride, self.padding
     size = x.shape[-3]
     out_size = (size - 1) * s - 2 * p + k
-    if s > 1 and kernel.shape[-1] >= PHASE_MIN_CHANNELS and out_size % s == 0 and x.shape[-3] == x.shape[-2]:
-      return _phase_conv_transpose(x, kernel, s, p, out_size // s)
+    if (s > 1 and kernel.shape[-1] >= PHASE_MIN_CHANNELS and out_size % s == 0 and x.shape[-3] == x.shape[-2]
+        and backend.target_platform() == 'cpu'):
+      return _phase_conv_transpose(x, kernel, s, p, out_size // s, self.precision)
     pad = k - 1 - p
     return jax.lax.conv_general_dilated(x, kernel[::-1, ::-1], window_strides=(1, 1), padding=((pad, pad),) * 2,
-                                        lhs_dilation=(s, s), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                        lhs_dilation=(s, s), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision=self.precision)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:
     yield TorchTensor(f'{prefix}weight', self.kernel, 'conv_transpose')
@@ -299,7 +325,8 @@ def _phase_taps(k: int, s: int, p: int, r: int, size: int, m: int) -> tuple[list
   return [r + p - s * d for d in ds], (-ds[0], m - size + ds[-1])
 
 
-def _phase_conv_transpose(x: Array, kernel: Array, s: int, p: int, m: int) -> Array:
+def _phase_conv_transpose(x: Array, kernel: Array, s: int, p: int, m: int,
+                          precision: jax.lax.Precision | None = None) -> Array:
   """Transposed convolution (NHWC, square) as ``s * s`` stride-1 phase convolutions, interleaved."""
   k, size = kernel.shape[0], x.shape[-3]
   lead, n_out = x.shape[:-3], kernel.shape[-1]
@@ -311,7 +338,7 @@ def _phase_conv_transpose(x: Array, kernel: Array, s: int, p: int, m: int) -> Ar
     for kx, pad_x in taps:
       sub = kernel[jnp.asarray(ky)][:, jnp.asarray(kx)]
       cols.append(jax.lax.conv_general_dilated(x, sub, (1, 1), (pad_y, pad_x),
-                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=precision))
     rows.append(jnp.stack(cols, axis=3))  # (N, m, m, s_x, C)
   out = jnp.stack(rows, axis=2)  # (N, m, s_y, m, s_x, C)
   return out.reshape(*lead, m * s, m * s, n_out)

@@ -104,16 +104,17 @@ class SRVP(nnx.Module):
 
   def __init__(self, *, nx: int = 64, nc: int, nf: int, nhx: int, ny: int, nz: int, skipco: bool, nt_inf: int,
                nh_inf: int, nlayers_inf: int, nh_res: int, nlayers_res: int, archi: str, res_gain: float = 1.41,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
     """``dtype``: compute dtype of convolutions and matrix products; ``param_dtype``: parameters,
     BatchNorm statistics, latent states, noise and every accumulation (float32, or float64 under
-    ``jax_enable_x64``)."""
+    ``jax_enable_x64``); ``precision``: of float32 convolutions and matrix products ('float32' or
+    'tensorfloat32', ``layers.lax_precision``)."""
     if nx != 64:
       raise ValueError(f'nx={nx}: the official encoders and decoders are for 64x64 frames')
     self.nc, self.ny, self.nz, self.nhx = nc, ny, nz, nhx
     self.nt_inf, self.nh_inf, self.skipco = nt_inf, nh_inf, skipco
     self.param_dtype = param_dtype
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.encoder = Encoder(archi, nc, nhx, nf, **kw)
     self.decoder = Decoder(archi, nc, nh_inf + ny, nf, skipco, **kw)
     self.w_proj = Linear(nhx, nh_inf, **kw)
