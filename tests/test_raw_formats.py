@@ -43,8 +43,8 @@ def bair_dir(tmp_path_factory):
 
 def _official_bair_order(soft: str, split: str) -> list[tuple[str, int]]:
   """(file stem, k) in the order the official loader lists processed_data/<split>/<stem>/<k:03d> folders."""
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+  tf = import_order.import_tensorflow()
   folders = []
   for f in os.listdir(os.path.join(soft, split)):
     n = sum(1 for _ in tf.data.TFRecordDataset(os.path.join(soft, split, f)))
@@ -90,8 +90,8 @@ def test_bair_missing_data_one_line(tmp_path):
 
 
 def test_bair_corrupt_files_named(bair_dir, tmp_path):
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+  tf = import_order.import_tensorflow()
   soft = tmp_path / 'softmotion30_44k'
   source = os.path.join(bair_dir[0], 'softmotion30_44k', 'test', 'traj_0_to_1.tfrecords')
   (soft / 'test').mkdir(parents=True)

@@ -150,8 +150,8 @@ def load_tfds(split: str, tfds_data_dir: str | None = None, download: bool = Tru
   _check_split(split)
   hint = 'put the MNIST IDX files (train-images-idx3-ubyte.gz, ...) in data_dir instead'
   try:
-    from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-    tf_utils.import_tensorflow()
+    from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+    import_order.import_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise MnistNotFoundError(f'TensorFlow Datasets is unavailable ({e}); {hint}') from None

@@ -142,8 +142,8 @@ def bair_tfrecord_videos(root: str, split: str) -> Iterator[np.ndarray]:
   order: video ``k`` (from 1) of ``<name>.tfrecords`` is the official ``processed_data/<split>/<name>/<k:03d>``.
   """
   files = bair_tfrecord_files(root, split)
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+  tf = import_order.import_tensorflow()
   parse = _bair_parser(tf)
   for path in files:
     yield from _bair_file_videos(tf, path, parse)
@@ -155,8 +155,8 @@ def bair_tfrecord_index(root: str, split: str) -> list[tuple[str, int]]:
   Counts the records of every file (reads the files, decodes nothing).
   """
   files = bair_tfrecord_files(root, split)
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf = tf_utils.import_tensorflow()
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+  tf = import_order.import_tensorflow()
   index = []
   for path in files:
     try:
@@ -181,8 +181,8 @@ def bair_tfds_videos(data_dir: str, split: str) -> Iterator[np.ndarray]:
   order (examples hashed by key at preparation), not the official one. Nothing is downloaded.
   """
   _check_split(split)
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf_utils.import_tensorflow()
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
+  import_order.import_tensorflow()
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError:
