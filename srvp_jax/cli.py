@@ -43,7 +43,7 @@ class Failure(Exception):
   code = FAILURE
 
 
-def first_line(e: BaseException, limit: int = 300) -> str:
+def first_line(e: BaseException, limit: int | None = 300) -> str:
   """The first line of an exception's message (its type's name when empty), at most ``limit`` characters."""
   text = str(e).strip()
   return (text.splitlines()[0] if text else type(e).__name__)[:limit]
@@ -59,20 +59,21 @@ class Parser(argparse.ArgumentParser):
   """argparse with the examples after ``--help``, a ``--verbose`` option and one-line errors (UsageError).
 
   Sub-command parsers (``add_subparsers().add_parser``) are Parsers too; their errors name their own
-  ``--help``. Only the top parser has ``--verbose``.
+  ``--help``. ``--verbose`` is on the parser made with ``verbose=True``: the top one by default, the
+  sub-command parsers instead when the top one is made with ``verbose=False`` (``add_parser(..., verbose=True)``).
   """
 
-  def __init__(self, *args, examples: str | None = None, top: bool = True, **kwargs):
+  def __init__(self, *args, examples: str | None = None, verbose: bool = True, **kwargs):
     kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
     if examples is not None:
       kwargs['epilog'] = examples
     super().__init__(*args, **kwargs)
-    if top:
+    if verbose:
       self.add_argument('--verbose', action='store_true',
                         help='Show the libraries\' INFO and WARNING logs (absl, orbax, TensorFlow).')
 
   def add_subparsers(self, **kwargs):
-    kwargs.setdefault('parser_class', functools.partial(Parser, top=False))
+    kwargs.setdefault('parser_class', functools.partial(Parser, verbose=False))
     return super().add_subparsers(**kwargs)
 
   def error(self, message):
