@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from srvp_jax import config
-from srvp_jax.data import bair, cli, get_dataset, human, kth, pipeline, store
+from srvp_jax.data import get_dataset, pipeline, store
+from srvp_jax.preparation import bair, cli, human, kth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KTH_TRAIN_PERSONS = (1, 2, 7, 20)  # Training subjects (1-20); 21-25 are the test subjects.
@@ -220,7 +221,6 @@ def test_prepare_from_official_layout_reads_back_identical_videos(name, kth_png,
 
 def test_prepare_from_raw_formats_writes_the_raw_readers_videos(tmp_path, capsys):
   """BAIR TFRecords and KTH AVI files (real formats, tests/raw_fixtures.py) -> store: the readers' videos, split."""
-  from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
   import raw_fixtures  # pylint: disable=import-outside-toplevel
   bair_dir = str(tmp_path / 'bair')
   root = os.path.join(bair_dir, 'softmotion30_44k')
@@ -230,13 +230,13 @@ def test_prepare_from_raw_formats_writes_the_raw_readers_videos(tmp_path, capsys
   assert 'from original TFRecords' in capsys.readouterr().out
   for split, videos in want.items():
     stored = store.StoreVideos(bair_dir, split)
-    assert stored.names == [f'{r}/{k:03d}' for r, k in raw.bair_tfrecord_index(root, split)]
+    assert stored.names == [f'{r}/{k:03d}' for r, k in bair.bair_tfrecord_index(root, split)]
     np.testing.assert_array_equal(np.stack([stored.video(i) for i in range(len(stored))]), videos)
   kth_dir = str(tmp_path / 'kth')
   spec = {(p, a, 1): 6 for a in kth.CLASSES for p in (3, 22)}
   raw_fixtures.write_kth(kth_dir, spec, zipped=('boxing',))
   assert cli.main(['prepare', 'kth', '--data_dir', kth_dir, '--no_progress']) == 0
-  decoded = list(raw.kth_avi_videos(kth_dir))
+  decoded = list(kth.kth_avi_videos(kth_dir))
   for split, persons in (('train', (3,)), ('test', (22,))):
     stored = store.StoreVideos(kth_dir, split)
     expected = [(m, v) for m, v in decoded if m['person'] in persons]
@@ -303,7 +303,7 @@ def test_human_test_set_from_store_equals_official_files(human_npz, tmp_path):
 def test_stream_draws_equal_an_independent_spec_sampler(name, kth_png, human_npz, tmp_path):
   """Batch k = uniform video among the long-enough videos of the 95/5 fold of the training subjects, uniform start."""
   data_dir = _copy_layout(kth_png if name == 'kth' else human_npz, tmp_path / 'd')
-  get_dataset(_cfg(name, data_dir, seq_len=2)).prepare(progress=False)
+  cli.DATASETS[name](_cfg(name, data_dir, seq_len=2)).prepare(progress=False)
   train_subjects = range(1, 21) if name == 'kth' else (1, 5, 6, 7, 8)
   videos = OFFICIAL[name](data_dir, 'train')
   assert {s for _, s, _ in videos} <= set(train_subjects)

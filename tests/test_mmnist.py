@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from srvp_jax import config
-from srvp_jax.data import cli, get_dataset, mmnist, mnist, pipeline
+from srvp_jax.data import get_dataset, mmnist, mnist, pipeline
+from srvp_jax.preparation import cli
+from srvp_jax.preparation import mmnist as mmnist_prep
 
 LIM = 36  # 64 - 28.
 
@@ -313,7 +315,7 @@ def test_make_test_set_cli_matches_reference(tmp_path, deterministic):
 
 def test_make_test_set_fewer_videos_and_digits():
   images, labels = fake_digits(40, 5)
-  got = mmnist.official_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
+  got = mmnist_prep.official_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
   assert_same_arrays(got, reference_test_set(images, labels, False, 25, n_videos=7, ndigits=3))
 
 

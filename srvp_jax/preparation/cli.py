@@ -19,10 +19,12 @@ import numpy as np
 
 from srvp_jax import cli
 from srvp_jax import config as config_lib
-from srvp_jax.data import base, dataset_class, store
+from srvp_jax.data import base, store
+from srvp_jax.preparation import bair, human, kth, mmnist
 
 COMMANDS = ('download', 'prepare', 'make_test_set', 'inspect', 'throughput')
-NAMES = ('mmnist', 'kth', 'human', 'bair')  # 'smmnist' is accepted as 'mmnist'.
+DATASETS = {'mmnist': mmnist.MovingMnist, 'kth': kth.KTH, 'human': human.Human, 'bair': bair.BAIR}
+NAMES = tuple(DATASETS)  # 'smmnist' is accepted as 'mmnist'.
 DIGIT_SOURCES = ('auto', 'idx', 'tfds', 'standin')
 # Synthetic stores of the real shapes for ``throughput --synthetic N``: frames per video (low, high).
 SYNTHETIC_LENGTHS = {'kth': (250, 750), 'human': (1500, 4500), 'bair': (30, 30)}
@@ -80,7 +82,7 @@ def _usage_error(args) -> str | None:
   """Options that do not apply to the command or dataset (never ignored silently)."""
   name, cmd = args.dataset, args.command
   if args.source is not None:
-    allowed = DIGIT_SOURCES if name == 'mmnist' else ('auto', *dataset_class(name)(None, '.').sources())
+    allowed = DIGIT_SOURCES if name == 'mmnist' else ('auto', *DATASETS[name](None, '.').sources())
     if name != 'mmnist' and cmd != 'prepare':
       return f'--source applies to prepare (and to mmnist digits), not to {cmd} {name}'
     if args.source not in allowed:
@@ -102,7 +104,7 @@ def _usage_error(args) -> str | None:
 
 def _config(args, **overrides):
   """A config of the dataset (the CLI's steps need its data settings only)."""
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   cfg = config_lib.default_config()
   cfg.update(dict(dataset='smmnist' if args.dataset == 'mmnist' else args.dataset, data_dir=args.data_dir, nc=cls.nc,
                   nt_inf=1, deterministic=bool(args.deterministic), ndigits=int(args.ndigits),
@@ -114,7 +116,7 @@ def _config(args, **overrides):
 
 def run(args) -> list[str]:
   """Runs one command; returns the lines to print."""
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   if args.command == 'throughput':
     return throughput(args)
   dataset = cls(_config(args), args.data_dir)
@@ -141,7 +143,7 @@ def run(args) -> list[str]:
 
 def write_synthetic_store(data_dir: str, name: str, n_videos: int, seed: int = 0) -> None:
   """A store of ``n_videos`` random training videos (and a few test ones) of the dataset's real shapes."""
-  cls = dataset_class(name)
+  cls = DATASETS[name]
   low, high = SYNTHETIC_LENGTHS[name]
   rng = np.random.default_rng(seed)
 
@@ -156,7 +158,7 @@ def write_synthetic_store(data_dir: str, name: str, n_videos: int, seed: int = 0
 
 def throughput(args) -> list[str]:
   """Measures the training stream (videos/s) against ``batch * steps_per_s``."""
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   paper = cls.paper
   batch = int(args.batch or paper['batch_size'])
   seq_len = int(args.seq_len or paper['seq_len'])
