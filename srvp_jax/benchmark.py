@@ -60,18 +60,20 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-import torch
 
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax import evaluation, train
 from srvp_jax.evaluation import hooks, report, sampling
 from srvp_jax.model import build_model
+
+if TYPE_CHECKING:
+  import torch
 
 PAPER_CONFIGS = ('smmnist', 'mmnist_deterministic', 'kth', 'human', 'bair')
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
@@ -810,6 +812,7 @@ def _main(argv: Sequence[str] | None) -> int:
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   cli.start(args.verbose, torch_first=args.torch or args.eval)
   if args.threads and (args.torch or args.eval):
+    import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.threads)
   try:
     mesh = train.make_mesh(next(iter(configs.values())))

@@ -6,7 +6,10 @@ the readers of TensorFlow formats (TFRecords, TFDS) and clu's writers ask ``impo
 which imports torch and torchvision first (if installed) and hides the GPUs from TensorFlow so that it
 does not reserve memory JAX needs. The entry points (``srvp_jax.cli.start``) call ``import_torch_first()``
 when the tool will use torch (LPIPS, the PyTorch baseline), before anything can import TensorFlow.
-These lazy imports are the package's only imports inside functions besides optional dependencies.
+Imports are at the top of modules, except these: TensorFlow and TensorFlow Datasets (the order above),
+and the heavy imports that one path alone needs and that would add seconds to every start-up: grain
+(the training stream, ``data/pipeline.py``), torch (PyTorch files and models: ``convert.py``,
+``metrics/lpips_bridge.py``, the benchmark's baseline) and scikit-learn (the stand-in digits).
 """
 
 from __future__ import annotations
