@@ -85,7 +85,7 @@ def to_torch(workdir: str, which: str, out: str) -> str:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = cli.Parser(prog='convert_torch_ckpt.py', description=__doc__.split('\n\n')[0],
-                      examples='\n\n'.join(__doc__.split('\n\n')[1:]))
+                      examples='examples:\n\n' + '\n\n'.join(__doc__.split('\n\n')[1:]))
   parser.add_argument('folder', nargs='?', help='official experiment folder (or ours with --to_torch)')
   parser.add_argument('--out', required=True, help='folder to write')
   parser.add_argument('--model_name', default=OFFICIAL_MODEL, help='checkpoint file inside XP_DIR')
