@@ -120,8 +120,9 @@ def load_model(ckpt_dir: str, which: str, compute_dtype: str | None = None, mode
   return checkpoints.load_model(ckpt_dir, which, compute_dtype=compute_dtype, model_name=model_name)
 
 
-def _startup(args: argparse.Namespace) -> dict[str, Any]:
-  """Every check that can fail before work; returns the resolved settings, the model and the test videos."""
+def _protocol(args: argparse.Namespace):
+  """(cfg, official, which, protocol, configured) of the checkpoint folder: its config's test protocol
+  (``configured``) and the one this run uses, the flags overriding it (``protocol``)."""
   if not os.path.isdir(args.ckpt_dir):
     raise cli.UsageError(f'checkpoint folder {args.ckpt_dir} not found')
   official = checkpoints.is_official_folder(args.ckpt_dir)
@@ -141,31 +142,45 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
       checkpoints.resolve_step(args.ckpt_dir, which)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
     raise cli.UsageError(str(e)) from None
-  nt_cond, nt_gen, n_samples = protocol['nt_cond'], protocol['nt_gen'], protocol['n_samples']
+  nt_cond, nt_gen = protocol['nt_cond'], protocol['nt_gen']
   if nt_cond < cfg.nt_inf:
     raise cli.UsageError(f'nt_cond={nt_cond} is smaller than the model\'s nt_inf={cfg.nt_inf}: give --nt_cond >= '
                          f'{cfg.nt_inf}')
   if nt_gen <= nt_cond:
     raise cli.UsageError(f'nt_gen={nt_gen} leaves no frame to predict after nt_cond={nt_cond}: '
                          f'give --nt_gen > {nt_cond}')
-  reference = None
+  return cfg, official, which, protocol, configured
+
+
+def _reference(args: argparse.Namespace, cfg, protocol: Mapping[str, Any], configured: Mapping[str, Any]):
+  """(numbers, source) to put next to ours: --compare_official, else the paper's for its own protocol, else None."""
+  dataset = config.protocol_dataset(cfg)
   try:
     if args.compare_official:
-      reference = (report.load_reference(args.compare_official), os.path.abspath(args.compare_official))
-    elif config.protocol_dataset(cfg) in report.PAPER_RESULTS and (nt_cond, nt_gen) == (
-        configured['nt_cond'], config.PAPER_TEST[config.protocol_dataset(cfg)]['nt_gen']):
-      reference = (report.PAPER_RESULTS[config.protocol_dataset(cfg)], 'SRVP paper (ICML 2020), see README')
+      return report.load_reference(args.compare_official), os.path.abspath(args.compare_official)
+    if dataset in report.PAPER_RESULTS and (protocol['nt_cond'], protocol['nt_gen']) == (
+        configured['nt_cond'], config.PAPER_TEST[dataset]['nt_gen']):
+      return report.PAPER_RESULTS[dataset], 'SRVP paper (ICML 2020), see README'
   except ValueError as e:
     raise cli.UsageError(str(e)) from None
+  return None
+
+
+def _metric_hooks(args: argparse.Namespace, nt_gen: int):
+  """(LPIPS function, I3D weights path) of the metrics asked for (None for those not asked for)."""
   lpips_fn, i3d_path = None, None
   try:
     if 'fvd' in args.metrics:
       i3d_path = hooks.check_fvd(nt_gen, args.i3d_weights)
     if 'lpips' in args.metrics:
-      lpips_path = hooks.resolve_lpips_backbone(args.lpips_backbone)
-      lpips_fn = hooks.LpipsOnFrames(lpips_path)
+      lpips_fn = hooks.LpipsOnFrames(hooks.resolve_lpips_backbone(args.lpips_backbone))
   except hooks.HookError as e:
     raise cli.UsageError(str(e)) from None
+  return lpips_fn, i3d_path
+
+
+def _test_videos(args: argparse.Namespace, cfg, nt_gen: int) -> np.ndarray:
+  """The test videos this run evaluates (--n_videos first ones), checked against the model and metrics."""
   try:
     videos = load_test_videos(cfg, args.data_dir, nt_gen)
   except (FileNotFoundError, ValueError) as e:
@@ -178,6 +193,16 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     raise cli.UsageError(f'test videos have {videos.shape[-1]} channel(s) but the model expects nc={cfg.nc}')
   if 'fvd' in args.metrics and len(videos) < 2:
     raise cli.UsageError(f'FVD needs at least 2 test videos, got {len(videos)}')
+  return videos
+
+
+def _startup(args: argparse.Namespace) -> dict[str, Any]:
+  """Every check that can fail before work; returns the resolved settings, the model and the test videos."""
+  cfg, official, which, protocol, configured = _protocol(args)
+  nt_cond, nt_gen, n_samples = protocol['nt_cond'], protocol['nt_gen'], protocol['n_samples']
+  reference = _reference(args, cfg, protocol, configured)
+  lpips_fn, i3d_path = _metric_hooks(args, nt_gen)
+  videos = _test_videos(args, cfg, nt_gen)
   try:
     model, cfg, step = load_model(args.ckpt_dir, which, compute_dtype=args.compute_dtype, model_name=args.model_name)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError, convert.CheckpointError) as e:
