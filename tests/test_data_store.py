@@ -16,7 +16,7 @@ from PIL import Image
 
 from srvp_jax import config
 from srvp_jax.data import get_dataset, pipeline, store
-from srvp_jax.preparation import bair, cli, human, kth
+from srvp_jax.preparation import bair, cli, human, kth, store_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KTH_TRAIN_PERSONS = (1, 2, 7, 20)  # Training subjects (1-20); 21-25 are the test subjects.
@@ -133,7 +133,7 @@ def test_store_round_trip_over_several_shards(tmp_path):
   rng = np.random.default_rng(0)
   videos = [rng.integers(0, 256, (int(n), 64, 64, 3), dtype=np.uint8) for n in (5, 9, 2, 7, 4)]
   items = [('train' if i != 2 else 'test', f'v{i}', {'i': i}, v) for i, v in enumerate(videos)]
-  store.write_splits(str(tmp_path), 'bair', 3, ('train', 'test'), iter(items), shard_bytes=10 * 64 * 64 * 3)
+  store_writer.write_splits(str(tmp_path), 'bair', 3, ('train', 'test'), iter(items), shard_bytes=10 * 64 * 64 * 3)
   train = store.StoreVideos(str(tmp_path), 'train')
   assert len(train.shards) > 1 and train.names == ['v0', 'v1', 'v3', 'v4'] and train.meta[2] == {'i': 3}
   assert isinstance(train.shards[0], np.memmap)
@@ -148,7 +148,7 @@ def test_store_round_trip_over_several_shards(tmp_path):
 
 def test_store_interrupted_write_leaves_nothing_and_keeps_the_old_split(tmp_path):
   video = np.zeros((3, 64, 64, 1), np.uint8)
-  store.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), iter([('train', 'a', {}, video),
+  store_writer.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), iter([('train', 'a', {}, video),
                                                                        ('test', 'b', {}, video)]))
 
   def broken():
@@ -156,18 +156,18 @@ def test_store_interrupted_write_leaves_nothing_and_keeps_the_old_split(tmp_path
     raise ValueError('KTH video x.avi is corrupt')
 
   with pytest.raises(ValueError, match='x.avi'):
-    store.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), broken())
+    store_writer.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), broken())
   assert sorted(os.listdir(tmp_path / 'store')) == ['test', 'train']
   assert store.StoreVideos(str(tmp_path), 'train').names == ['a']
   with pytest.raises(FileNotFoundError, match='no kth test video'):
-    store.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), iter([('train', 'a', {}, video)]))
+    store_writer.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'), iter([('train', 'a', {}, video)]))
   with pytest.raises(ValueError, match=r'expected uint8 \(frames, 64, 64, 1\)'):
-    store.write_splits(str(tmp_path), 'kth', 1, ('train',), iter([('train', 'a', {}, video[..., 0])]))
+    store_writer.write_splits(str(tmp_path), 'kth', 1, ('train',), iter([('train', 'a', {}, video[..., 0])]))
 
 
 def test_corrupt_store_names_the_file(tmp_path, capsys):
   video = np.zeros((6, 64, 64, 1), np.uint8)
-  store.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'),
+  store_writer.write_splits(str(tmp_path), 'kth', 1, ('train', 'test'),
                      iter([('train', 'person01_boxing_d1', {}, video), ('test', 'person21_boxing_d1', {}, video)]))
   shard = tmp_path / 'store' / 'train' / 'frames_0000.npy'
   shard.write_bytes(shard.read_bytes()[:-5000])

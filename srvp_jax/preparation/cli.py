@@ -20,7 +20,7 @@ import numpy as np
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax.data import base, store
-from srvp_jax.preparation import bair, human, kth, mmnist
+from srvp_jax.preparation import bair, human, kth, mmnist, store_writer
 
 COMMANDS = ('download', 'prepare', 'make_test_set', 'inspect', 'throughput')
 DATASETS = {'mmnist': mmnist.MovingMnist, 'kth': kth.KTH, 'human': human.Human, 'bair': bair.BAIR}
@@ -153,7 +153,7 @@ def write_synthetic_store(data_dir: str, name: str, n_videos: int, seed: int = 0
         length = int(rng.integers(low, high + 1))
         yield split, f'synthetic_{i:06d}', {}, rng.integers(0, 256, (length, 64, 64, cls.nc), dtype=np.uint8)
 
-  store.write_splits(data_dir, name, cls.nc, ('train', 'test'), items())
+  store_writer.write_splits(data_dir, name, cls.nc, ('train', 'test'), items())
 
 
 def throughput(args) -> list[str]:

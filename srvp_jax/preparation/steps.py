@@ -23,6 +23,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from srvp_jax.data import store
+from srvp_jax.preparation import store_writer
 from srvp_jax.data.base import command
 
 
@@ -97,7 +98,7 @@ class ClipPreparation(Preparation):
       return [f'{self.title} store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
     source = self.auto_source(**options) if source == 'auto' else source
     with progress_bar(None, f'{self.title} videos', progress) as bar:
-      paths = store.write_splits(self.data_dir, self.name, self.nc, self.splits, self.items(source, **options),
+      paths = store_writer.write_splits(self.data_dir, self.name, self.nc, self.splits, self.items(source, **options),
                                  progress=bar.update)
     return [f'{self.title} {split}: {len(store.StoreVideos(self.data_dir, split))} videos from '
             f'{self.sources()[source]} -> {path}' for split, path in paths.items()]
