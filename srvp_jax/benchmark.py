@@ -689,15 +689,7 @@ def write_json(path: str, info: Mapping[str, Any], rows: Sequence[Mapping[str, A
 # Command line.
 def _int_at_least(minimum: int) -> Callable[[str], int]:
   """An argparse type: an integer >= ``minimum``."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f'{text} must be an integer >= {minimum}')
-    return value
-  return parse
+  return cli.number(int, minimum, f'an integer >= {minimum}')
 
 
 def _names(text: str) -> list[str]:

@@ -55,6 +55,22 @@ def error(message: str, code: int = USAGE) -> int:
   return code
 
 
+def number(cast: Callable[[str], float], minimum: float, requirement: str, strict: bool = False):
+  """An argparse type: ``cast(text)``, >= ``minimum`` (> when ``strict``), else one line saying ``requirement``."""
+  noun = 'an integer' if cast is int else 'a number'
+
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
+    if not (value > minimum if strict else value >= minimum):
+      raise argparse.ArgumentTypeError(f'{text} must be {requirement}')
+    return value
+
+  return parse
+
+
 class Parser(argparse.ArgumentParser):
   """argparse with the examples after ``--help``, a ``--verbose`` option and one-line errors (UsageError).
 

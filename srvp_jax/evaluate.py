@@ -56,11 +56,7 @@ def _metrics_list(text: str) -> tuple[str, ...]:
   return names
 
 
-def _positive(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text} must be a positive integer')
-  return value
+_positive = cli.number(int, 1, 'a positive integer')
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -63,25 +63,9 @@ EXAMPLES = '''examples:
 '''
 
 
-def _number(cast, minimum, strict: bool, requirement: str):
-  """An argparse type: ``cast(text)``, > minimum (strict) or >= minimum, else one line saying ``requirement``."""
-  noun = 'an integer' if cast is int else 'a number'
-
-  def parse(text: str):
-    try:
-      value = cast(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
-    if not (value > minimum if strict else value >= minimum):
-      raise argparse.ArgumentTypeError(f'{text} must be {requirement}')
-    return value
-
-  return parse
-
-
-_positive = _number(int, 1, False, 'a positive integer')
-_non_negative = _number(int, 0, False, '>= 0')
-_positive_float = _number(float, 0, True, '> 0')
+_positive = cli.number(int, 1, 'a positive integer')
+_non_negative = cli.number(int, 0, '>= 0')
+_positive_float = cli.number(float, 0, '> 0', strict=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,5 +1,6 @@
 """The shared command-line layer (srvp_jax.cli, srvp_jax.import_order) and every argparse tool through it."""
 
+import argparse
 import logging
 import sys
 
@@ -100,3 +101,18 @@ def test_every_tool_help_ends_with_an_example(capsys, prog):
   out = capsys.readouterr().out
   tail = out[out.rindex('example'):]
   assert prog.split()[-1] in tail and '--verbose' in out, out
+
+
+def test_number_types_say_what_is_expected():
+  positive = cli.number(int, 1, 'a positive integer')
+  assert positive('3') == 3
+  with pytest.raises(argparse.ArgumentTypeError, match=r"^'x' is not an integer$"):
+    positive('x')
+  with pytest.raises(argparse.ArgumentTypeError, match=r'^0 must be a positive integer$'):
+    positive('0')
+  rate = cli.number(float, 0, '> 0', strict=True)
+  assert rate('2.5') == 2.5
+  with pytest.raises(argparse.ArgumentTypeError, match=r"^'fast' is not a number$"):
+    rate('fast')
+  with pytest.raises(argparse.ArgumentTypeError, match=r'^0 must be > 0$'):
+    rate('0')
