@@ -23,8 +23,8 @@ from typing import Iterator
 from tqdm import tqdm
 
 from srvp_jax.data import store
-from srvp_jax.preparation import store_writer
 from srvp_jax.data.base import command
+from srvp_jax.preparation import store_writer
 
 
 def download_file(url: str, dest: str) -> None:
