@@ -20,8 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from srvp_jax.data import DataError, base, store
-from srvp_jax.data import kth
+from srvp_jax.data import DataError, base, kth, store
 from srvp_jax.data.base import NX
 from srvp_jax.data.kth import CLASSES, TEST_LEN, index_videos, official_test_file, processed_dir, video_meta
 from srvp_jax.preparation import raw, steps
