@@ -12,7 +12,7 @@ Ours -> official (``model.pt`` state_dict and ``config.json`` that the official 
 
     python convert_torch_ckpt.py OUR_DIR --to_torch --out OUT_DIR [--checkpoint best|latest|STEP]
 
-Conversion is lossless in both directions. Errors are one line on stderr with exit status 2.
+Conversion is lossless in both directions. Errors are one ``error: ...`` line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Sequence
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # Conversion is host work; never grab an accelerator.
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from srvp_jax import checkpoints
+from srvp_jax import checkpoints, cli
 from srvp_jax import config as config_lib
 from srvp_jax import convert
 from srvp_jax.model import build_model, param_count
@@ -37,10 +38,6 @@ from srvp_jax.model import build_model, param_count
 # pylint: enable=wrong-import-position
 
 OFFICIAL_MODEL = 'model.pt'
-
-
-class UsageError(ValueError):
-  """Arguments that do not name one conversion."""
 
 
 def _describe(model, cfg) -> str:
@@ -62,7 +59,7 @@ def blank_model(cfg):
 def to_ours(checkpoint: str, config_path: str, out: str) -> str:
   """Official ``checkpoint`` + ``config_path`` -> our folder ``out`` (model saved as step 0)."""
   if any(os.path.isdir(os.path.join(out, sub)) for sub in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR)):
-    raise UsageError(f'{out} already holds checkpoints; give a new --out folder')
+    raise cli.UsageError(f'{out} already holds checkpoints; give a new --out folder')
   cfg = config_lib.load_official_json(config_path)
   model = convert.load_state_dict(blank_model(cfg), convert.load_torch_file(checkpoint), cfg)
   checkpoints.save_config(out, cfg)
@@ -86,10 +83,9 @@ def to_torch(workdir: str, which: str, out: str) -> str:
   return f'exported {workdir} ({which}, step {step}) -> {model_path} + config.json: {_describe(model, cfg)}'
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog='convert_torch_ckpt.py', description=__doc__.split('\n\n')[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog='\n\n'.join(__doc__.split('\n\n')[1:]))
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = cli.Parser(prog='convert_torch_ckpt.py', description=__doc__.split('\n\n')[0],
+                      examples='examples:\n\n' + '\n\n'.join(__doc__.split('\n\n')[1:]))
   parser.add_argument('folder', nargs='?', help='official experiment folder (or ours with --to_torch)')
   parser.add_argument('--out', required=True, help='folder to write')
   parser.add_argument('--model_name', default=OFFICIAL_MODEL, help='checkpoint file inside XP_DIR')
@@ -103,29 +99,34 @@ def run(args: argparse.Namespace) -> str:
   """Performs the conversion ``args`` describe; returns the summary line."""
   if args.to_torch:
     if not args.folder or args.config:
-      raise UsageError('--to_torch takes our checkpoint folder as its only positional argument (no --config)')
+      raise cli.UsageError('--to_torch takes our checkpoint folder as its only positional argument (no --config)')
     if not os.path.isdir(args.folder):
-      raise UsageError(f'checkpoint folder not found: {args.folder}')
+      raise cli.UsageError(f'checkpoint folder not found: {args.folder}')
     return to_torch(args.folder, args.checkpoint or 'best', args.out)
   if args.folder:
     if args.checkpoint or args.config:
-      raise UsageError('give either XP_DIR or --checkpoint PATH --config PATH, not both')
+      raise cli.UsageError('give either XP_DIR or --checkpoint PATH --config PATH, not both')
     if not os.path.isdir(args.folder):
-      raise UsageError(f'experiment folder not found: {args.folder}')
+      raise cli.UsageError(f'experiment folder not found: {args.folder}')
     return to_ours(os.path.join(args.folder, args.model_name), os.path.join(args.folder, 'config.json'), args.out)
   if not (args.checkpoint and args.config):
-    raise UsageError('give XP_DIR, or both --checkpoint PATH and --config PATH')
+    raise cli.UsageError('give XP_DIR, or both --checkpoint PATH and --config PATH')
   return to_ours(args.checkpoint, args.config, args.out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one conversion; returns the exit status (2: any error, found before anything is written)."""
+  return cli.main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  cli.start(args.verbose)
   try:
     summary = run(args)
-  except (UsageError, convert.CheckpointError, config_lib.ConfigError, checkpoints.CheckpointNotFoundError,
+  except (convert.CheckpointError, config_lib.ConfigError, checkpoints.CheckpointNotFoundError,
           FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UsageError(str(e)) from None
   print(summary)
   return 0
 

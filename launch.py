@@ -5,37 +5,30 @@ SIGTERM saves the last finished step first. Library logs (absl, orbax, TensorFlo
 ``--verbosity=0`` (INFO) or ``--verbosity=1`` (DEBUG) is given. Several hosts: the same command on
 every host with ``--config.distributed=True`` (see ``initialize_distributed``).
 
-Errors are one ``error: ...`` line: exit status 2 for a bad config or workdir, 1 when training fails
-(non-finite loss); 128 + the signal number after a SIGINT/SIGTERM save.
+The flags are absl's, as in the flax examples: ml_collections' ``--config FILE`` with ``--config.KEY=VALUE``
+overrides, ``--workdir`` and ``--verbosity``; the other tools take argparse options of the same
+``--name value`` style. Both report through ``srvp_jax.cli``: errors are one ``error: ...`` line, exit
+status 2 for a bad config or workdir, 1 when training fails (non-finite loss); 128 + the signal number
+after a SIGINT/SIGTERM save.
 """
 
+import difflib
 import os
 import sys
 
-# Library logs are off by default (before absl / TensorFlow are imported); --verbosity brings them back.
-_VERBOSE = any(a.startswith(('--verbosity', '-v=', '--v=')) for a in sys.argv[1:])
-if not _VERBOSE:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-
-# pylint: disable=wrong-import-position
-import difflib
-import logging as pylogging
-
-from absl import app, flags, logging
+import jax
+from absl import app, flags
 from ml_collections import config_flags
 
+from srvp_jax import cli
 from srvp_jax import config as config_lib
+from srvp_jax import train
+from srvp_jax.data import DataError
 
-# pylint: enable=wrong-import-position
-
+USAGE = 'python launch.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]'
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file of configs/ (get_config()).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, logs and samples go (resumes if present).')
-
-
-def _fail(message: str, code: int = 2):
-  print(f'error: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -45,19 +38,19 @@ def parse_flags(argv: list[str]) -> list[str]:
     if arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0].split('.', 1)[0]
       if key not in known:
-        _fail(f'{config_lib.did_you_mean(key)} in {arg}')
+        sys.exit(cli.error(f'{config_lib.did_you_mean(key)} in {arg}'))
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
-    _fail(f'{e}; usage: python launch.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]')
+    sys.exit(cli.error(f'{e}; usage: {USAGE}'))
   for name in ('config', 'workdir'):
     if getattr(flags.FLAGS, name) is None:
-      _fail(f'--{name} is required; usage: python launch.py --config configs/NAME.py --workdir DIR')
+      sys.exit(cli.error(f'--{name} is required; usage: python launch.py --config configs/NAME.py --workdir DIR'))
   path = flags.FLAGS['config'].config_filename
   if not os.path.isfile(path):
     close = difflib.get_close_matches(os.path.basename(path), os.listdir('configs') if os.path.isdir('configs') else [])
-    _fail(f'config file not found: {path}' + (f' (did you mean configs/{close[0]}?)' if close else
-                                                '; the paper setups are configs/*.py'))
+    sys.exit(cli.error(f'config file not found: {path}' + (f' (did you mean configs/{close[0]}?)' if close else
+                                                             '; the paper setups are configs/*.py')))
   return rest
 
 
@@ -68,11 +61,11 @@ def load_config():
   except Exception as e:  # pylint: disable=broad-except
     # config_flags wraps whatever went wrong (file, override type) in a few layers: keep the first line.
     text = ' '.join(str(e).replace('\\n', ' ').split())
-    _fail(f'cannot load the config: {text[:400]}')
+    raise cli.UsageError(f'cannot load the config: {text[:400]}') from None
   try:
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:
-    _fail(str(e))
+    raise cli.UsageError(str(e)) from None
   return cfg
 
 
@@ -82,36 +75,26 @@ def initialize_distributed(cfg) -> None:
   Unset values fall back to ``$JAX_COORDINATOR_ADDRESS``, ``$JAX_NUM_PROCESSES`` and ``$JAX_PROCESS_ID``,
   then to the cluster's auto-detection (SLURM, Open MPI, TPU pods, ...).
   """
-  import jax  # pylint: disable=import-outside-toplevel
   address = cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS') or None
   num = int(cfg.num_processes) or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None
   pid = int(cfg.process_id) if int(cfg.process_id) >= 0 else os.environ.get('JAX_PROCESS_ID')
   pid = None if pid is None else int(pid)
   given = [v is not None for v in (address, num, pid)]
   if any(given) and not all(given):
-    _fail('multi-process training needs the coordinator address, the process count and this process id together '
-          '(--config.coordinator_address=HOST:PORT --config.num_processes=N --config.process_id=I, or '
-          'JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), or none of them on a cluster JAX '
-          'detects (SLURM, Open MPI, TPU)')
+    raise cli.UsageError('multi-process training needs the coordinator address, the process count and this process '
+                         'id together (--config.coordinator_address=HOST:PORT --config.num_processes=N '
+                         '--config.process_id=I, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID), '
+                         'or none of them on a cluster JAX detects (SLURM, Open MPI, TPU)')
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')  # CPU devices of several processes reduce.
   try:
     jax.distributed.initialize(address, num, pid)
   except (ValueError, RuntimeError) as e:
-    _fail(f'jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}', 1)
-
-
-def quiet_libraries() -> None:
-  """Our warnings stay; libraries' INFO and WARNING records (orbax, absl, jax) go, unless --verbosity."""
-  def keep(record) -> bool:
-    ours = os.sep + 'srvp_jax' + os.sep in record.pathname or record.pathname.endswith('launch.py')
-    return ours or record.levelno >= pylogging.ERROR
-  logging.set_verbosity(logging.WARNING)
-  logging.get_absl_handler().addFilter(keep)
+    raise cli.Failure(f'jax.distributed.initialize failed: {cli.first_line(e, limit=None)}') from None
 
 
 def main(argv):
   try:
-    return _main(argv)
+    return cli.main(_main, argv)
   except KeyboardInterrupt:  # Before training installed its handlers (imports, config): nothing was written.
     print('interrupted before training started; nothing written', file=sys.stderr, flush=True)
     return 130
@@ -119,26 +102,23 @@ def main(argv):
 
 def _main(argv):
   if len(argv) > 1:
-    _fail(f'unexpected arguments {argv[1:]}')
-  if not _VERBOSE:
-    quiet_libraries()
+    raise cli.UsageError(f'unexpected arguments {argv[1:]}')
+  cli.start(verbose=flags.FLAGS['verbosity'].present)
   cfg = load_config()
   if cfg.distributed:
     initialize_distributed(cfg)  # Before anything touches the devices.
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
-  from srvp_jax.data import DataError  # pylint: disable=import-outside-toplevel
   try:
     train.train_and_evaluate(cfg, _WORKDIR.value, progress=sys.stderr.isatty())  # The bar is for terminals.
   except train.Interrupted as e:
     return e.exit_code  # The save message is printed.
   except train.NonFiniteError as e:
-    _fail(str(e), 1)
+    raise cli.Failure(str(e)) from None
   except (config_lib.ConfigError, FileNotFoundError, DataError) as e:
-    _fail(str(e))
+    raise cli.UsageError(str(e)) from None
   except (ValueError, OSError) as e:
     if not type(e).__module__.startswith('srvp_jax'):
       raise
-    _fail(str(e))  # Bad input found by our own code (data files, checkpoints): one line.
+    raise cli.UsageError(str(e)) from None  # Bad input found by our own code (data files, checkpoints): one line.
   return 0
 
 

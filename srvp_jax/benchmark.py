@@ -62,12 +62,15 @@ import time
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 
+from srvp_jax import cli
 from srvp_jax import config as config_lib
-from srvp_jax import evaluation, gpu_check
+from srvp_jax import evaluation, gpu_check, train
 from srvp_jax.evaluation import hooks, report, sampling
+from srvp_jax.model import build_model
 
 if TYPE_CHECKING:
   import torch
@@ -96,10 +99,6 @@ EXAMPLE = ('example:\n  python -m srvp_jax.benchmark --configs smmnist,bair --ba
            '--override nf=8,nhx=16,ny=4,nz=4,nh_inf=16,nh_res=16,seq_len=6,nt_cond=2,nt_inf=2')
 
 
-class UsageError(Exception):
-  """Bad command-line input: one ``error: ...`` line, exit status 2."""
-
-
 def _progress(message: str) -> None:
   print(f'[benchmark] {message}', file=sys.stderr, flush=True)
 
@@ -111,17 +110,16 @@ def load_config(name: str, *, batch: int | None = None, dtype: str = 'float32', 
   """A paper config (name in PAPER_CONFIGS, or a path to a config file with get_config()) as an unlocked
   ConfigDict, with ``batch_size`` (when given), ``compute_dtype`` and ``overrides`` applied and validated.
 
-  Raises UsageError for an unknown name and ``config.ConfigError`` for invalid values.
+  Raises cli.UsageError for an unknown name and ``config.ConfigError`` for invalid values.
   """
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   if name in PAPER_CONFIGS:
     path = os.path.join(CONFIG_DIR, f'{name}.py')
   elif name.endswith('.py') and os.path.isfile(name):
     path = name
   else:
-    raise UsageError(f'unknown config {name!r}; valid: {", ".join(PAPER_CONFIGS)} (or a path to a config file)')
+    raise cli.UsageError(f'unknown config {name!r}; valid: {", ".join(PAPER_CONFIGS)} (or a path to a config file)')
   if not os.path.isfile(path):
-    raise UsageError(f'config file {path} not found (the benchmark runs from a checkout with configs/)')
+    raise cli.UsageError(f'config file {path} not found (the benchmark runs from a checkout with configs/)')
   stem = os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(f'_srvp_benchmark_config_{stem}', path)
   module = importlib.util.module_from_spec(spec)
@@ -885,24 +883,9 @@ def write_json(path: str, info: Mapping[str, Any], rows: Sequence[Mapping[str, A
 
 # ------------------------------------------------------------------------------------------------
 # Command line.
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one line (UsageError), no usage dump."""
-
-  def error(self, message):
-    raise UsageError(f'{message} (see python -m srvp_jax.benchmark --help)')
-
-
 def _int_at_least(minimum: int) -> Callable[[str], int]:
   """An argparse type: an integer >= ``minimum``."""
-  def parse(text: str) -> int:
-    try:
-      value = int(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < minimum:
-      raise argparse.ArgumentTypeError(f'{text} must be an integer >= {minimum}')
-    return value
-  return parse
+  return cli.number(int, minimum, f'an integer >= {minimum}')
 
 
 def _names(text: str) -> list[str]:
@@ -930,7 +913,6 @@ def _onednn_modes(text: str) -> list[str]:
 
 def parse_overrides(text: str) -> dict[str, Any]:
   """'k=v,k=v' -> {k: v} with each value parsed as the type of the key's default (unknown keys: errors)."""
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   defaults = config_lib.default_config()
   out = {}
   for item in (s.strip() for s in text.split(',')):
@@ -961,11 +943,10 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  """Command-line options; raises UsageError on bad input."""
-  p = _Parser(prog='python -m srvp_jax.benchmark',
-              description='Times SRVP training steps (and optionally the evaluation protocol and single layers) '
-                          'of the paper configs on random videos, with the official PyTorch code as baseline.',
-              epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Command-line options; raises cli.UsageError on bad input."""
+  p = cli.Parser(prog='python -m srvp_jax.benchmark', examples=EXAMPLE,
+                 description='Times SRVP training steps (and optionally the evaluation protocol and single layers) '
+                             'of the paper configs on random videos, with the official PyTorch code as baseline.')
   p.add_argument('--configs', type=_names, default=['smmnist', 'bair'], metavar='LIST',
                  help=f'Comma-separated paper configs among {",".join(PAPER_CONFIGS)} (or config file paths); '
                       'default: smmnist,bair.')
@@ -1022,43 +1003,41 @@ def _attempt(fn: Callable[[], Any], row_base: Mapping[str, Any]) -> tuple[Any, d
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the benchmark; returns the exit status (2: bad input, 1: a measurement failed)."""
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  return cli.main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   # Other processes' load when we start: they distort CPU timings (torch's OpenMP threads spin-wait and
   # suffer most from cores taken by others), so the table shows it.
   load_before = os.getloadavg()[0]
   started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
+  args = parse_args(argv)
   try:
-    args = parse_args(argv)
     configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, precision=args.precision,
                                           overrides=args.override)
                for name in args.configs for dtype in args.dtypes}
-    if args.json:
-      try:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-      except OSError as e:
-        raise UsageError(f'cannot create the folder of --json {args.json}: {e.strerror or e}') from None
-  except (UsageError, config_lib.ConfigError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except config_lib.ConfigError as e:
+    raise cli.UsageError(str(e)) from None
+  if args.json:
+    try:
+      os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    except OSError as e:
+      raise cli.UsageError(f'cannot create the folder of --json {args.json}: {e.strerror or e}') from None
   if args.target:
     return gpu_check.main(configs, args.target, args.programs, args.json, _progress)
   if args.torch or args.eval:
     # torch shares the accelerator: JAX must not reserve most of its memory up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  cli.start(args.verbose, torch_first=args.torch or args.eval)
+  if args.threads and (args.torch or args.eval):
     import torch  # pylint: disable=import-outside-toplevel
-    if args.threads:
-      torch.set_num_threads(args.threads)
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+    torch.set_num_threads(args.threads)
   try:
     mesh = train.make_mesh(next(iter(configs.values())))
     for cfg in configs.values():
       train.check_batch_divisible(int(cfg.batch_size), mesh)
   except config_lib.ConfigError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UsageError(str(e)) from None
   on_cpu = jax.default_backend() == 'cpu'
   n_eval = args.eval_videos or (4 if on_cpu else 256)
   rows: list[dict] = []

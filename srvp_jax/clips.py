@@ -21,6 +21,7 @@ import os
 import warnings
 from typing import Iterator
 
+import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
@@ -63,7 +64,6 @@ def _gif(path: str) -> Clip:
 
 
 def _video(path: str, max_frames: int | None) -> Clip:
-  import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
   gen: Iterator = imageio_ffmpeg.read_frames(path)
   frames = []
   try:

@@ -227,13 +227,21 @@ def protocol_dataset(cfg: Mapping[str, Any]) -> str:
   return cfg['dataset']
 
 
-def test_protocol(cfg: Mapping[str, Any]) -> dict[str, Any]:
-  """The test protocol of ``cfg``: nt_cond, nt_gen, n_samples, checkpoint (config keys, else the paper's)."""
+def test_protocol(cfg: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+  """The test protocol of ``cfg``: nt_cond, nt_gen, n_samples, checkpoint (config keys, else the paper's).
+
+  ``overrides`` (e.g. the evaluation's command-line flags) replace those of its values that are not None.
+  """
   paper = PAPER_TEST[protocol_dataset(cfg)]
-  return {'nt_cond': int(cfg.get('test_nt_cond', 0) or cfg['nt_cond']),
-          'nt_gen': int(cfg.get('test_nt_gen', 0) or paper['nt_gen']),
-          'n_samples': int(cfg.get('test_n_samples', 0) or paper['n_samples']),
-          'checkpoint': str(cfg.get('test_checkpoint', '') or paper['checkpoint'])}
+  protocol = {'nt_cond': int(cfg.get('test_nt_cond', 0) or cfg['nt_cond']),
+              'nt_gen': int(cfg.get('test_nt_gen', 0) or paper['nt_gen']),
+              'n_samples': int(cfg.get('test_n_samples', 0) or paper['n_samples']),
+              'checkpoint': str(cfg.get('test_checkpoint', '') or paper['checkpoint'])}
+  unknown = set(overrides) - set(protocol)
+  if unknown:
+    raise TypeError(f'unknown test protocol key(s) {sorted(unknown)}')
+  protocol.update({k: type(protocol[k])(v) for k, v in overrides.items() if v is not None})
+  return protocol
 
 
 def seq_len_test(cfg: Mapping[str, Any]) -> int:

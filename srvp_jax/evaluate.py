@@ -11,8 +11,11 @@ CKPT_DIR is a folder of ours (training run or converted model; ``--checkpoint la
 official experiment folder (``config.json`` + ``model.pt``, converted in memory; ``--model_name
 model_best.pt`` picks the other file), as the official ``test.py --xp_dir``.
 
-Errors found before any work (arguments, checkpoint, data, LPIPS / I3D weights, output folder) are one
-``error: ...`` line on stderr and exit status 2. The work itself is library code (``srvp_jax.evaluation``).
+The test protocol has one home, the checkpoint's config (``config.test_protocol``); the flags
+``--nt_cond``, ``--nt_gen``, ``--n_samples`` and ``--checkpoint`` override it. Errors found before any
+work (arguments, checkpoint, data, LPIPS / I3D weights, output folder) are one ``error: ...`` line on
+stderr and exit status 2, a failed prediction exit status 1 (``srvp_jax.cli``). The work itself is
+library code (``srvp_jax.evaluation``).
 
 Outputs (``--out``, default CKPT_DIR/eval_<checkpoint>): results.json (summary), results.npz (official:
 metric -> best value per video (N,)), sample_metrics.npz (metric -> (n_samples, N) values of every sample,
@@ -31,8 +34,11 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+import jax
 import numpy as np
 
+from srvp_jax import checkpoints, cli, config, convert, data
+from srvp_jax.evaluation import hooks, outputs, report, runner
 from srvp_jax.evaluation.hooks import RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE  # pylint: disable=unused-import
 
 ALL_METRICS = ('psnr', 'ssim', 'lpips', 'fvd')
@@ -40,10 +46,6 @@ EXAMPLE = '''examples:
   python -m srvp_jax.evaluate runs/kth --data_dir /data/kth             # the paper's KTH protocol
   python -m srvp_jax.evaluate pretrained/bair --data_dir /data/bair     # an official experiment folder
   python -m srvp_jax.evaluate runs/smmnist --data_dir /data/mnist --n_samples 10 --metrics psnr,ssim'''
-
-
-class StartupError(Exception):
-  """A problem found before any work: printed as one line, exit status 2."""
 
 
 def _metrics_list(text: str) -> tuple[str, ...]:
@@ -54,24 +56,13 @@ def _metrics_list(text: str) -> tuple[str, ...]:
   return names
 
 
-def _positive(text: str) -> int:
-  value = int(text)
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text} must be a positive integer')
-  return value
-
-
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one line (``error: ...``, exit status 2 through StartupError), no usage dump."""
-
-  def error(self, message):
-    raise StartupError(f'{message} (see python -m srvp_jax.evaluate --help)')
+_positive = cli.number(int, 1, 'a positive integer')
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   """Command-line options; those left unset come from the checkpoint config's test protocol."""
-  p = _Parser(prog='python -m srvp_jax.evaluate', formatter_class=argparse.RawDescriptionHelpFormatter,
-              description='Evaluates an SRVP checkpoint with the official test protocol.', epilog=EXAMPLE)
+  p = cli.Parser(prog='python -m srvp_jax.evaluate', description='Evaluates an SRVP checkpoint with the official '
+                 'test protocol (the config\'s; the flags override it).', examples=EXAMPLE)
   p.add_argument('ckpt_dir', metavar='CKPT_DIR',
                  help='Checkpoint folder (training run, converted model, or official config.json + model.pt).')
   p.add_argument('--data_dir', required=True, metavar='DIR', help='Folder holding the dataset\'s test set.')
@@ -115,7 +106,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def load_test_videos(cfg: Mapping[str, Any], data_dir: str, seq_len: int) -> np.ndarray:
   """Test videos uint8 (N, seq_len, 64, 64, nc) of the config's dataset, with the loaders' own errors."""
-  from srvp_jax import data  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f'data directory {data_dir} not found')
   return data.get_dataset(cfg, data_dir).test_set(seq_len)
@@ -123,78 +113,96 @@ def load_test_videos(cfg: Mapping[str, Any], data_dir: str, seq_len: int) -> np.
 
 def load_model(ckpt_dir: str, which: str, compute_dtype: str | None = None, model_name: str | None = None):
   """(model, cfg, step) of a checkpoint folder (``checkpoints.load_model``)."""
-  from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
   return checkpoints.load_model(ckpt_dir, which, compute_dtype=compute_dtype, model_name=model_name)
 
 
-def _startup(args: argparse.Namespace) -> dict[str, Any]:
-  """Every check that can fail before work; returns the resolved settings, the model and the test videos."""
-  # pylint: disable=import-outside-toplevel
-  from srvp_jax import checkpoints, config, convert
-  from srvp_jax.evaluation import hooks, report
-  try:
-    hooks.check_import_order(args.metrics)
-  except hooks.HookError as e:
-    raise StartupError(str(e)) from None
+def _protocol(args: argparse.Namespace):
+  """(cfg, official, which, protocol, configured) of the checkpoint folder: its config's test protocol
+  (``configured``) and the one this run uses, the flags overriding it (``protocol``)."""
   if not os.path.isdir(args.ckpt_dir):
-    raise StartupError(f'checkpoint folder {args.ckpt_dir} not found')
+    raise cli.UsageError(f'checkpoint folder {args.ckpt_dir} not found')
   official = checkpoints.is_official_folder(args.ckpt_dir)
   if not official and args.model_name is not None:
-    raise StartupError(f'--model_name applies to official experiment folders (config.json + model.pt); '
-                       f'{args.ckpt_dir} is one of ours: use --checkpoint best|latest|STEP')
+    raise cli.UsageError(f'--model_name applies to official experiment folders (config.json + model.pt); '
+                         f'{args.ckpt_dir} is one of ours: use --checkpoint best|latest|STEP')
   if official and args.checkpoint is not None:
-    raise StartupError(f'{args.ckpt_dir} is an official experiment folder: choose its weights with --model_name '
-                       '(model.pt or model_best.pt), not --checkpoint')
+    raise cli.UsageError(f'{args.ckpt_dir} is an official experiment folder: choose its weights with --model_name '
+                         '(model.pt or model_best.pt), not --checkpoint')
   try:
     cfg = checkpoints.load_config(args.ckpt_dir)
-    protocol = config.test_protocol(cfg)
-    which = 'official' if official else str(args.checkpoint or protocol['checkpoint'])
+    configured = config.test_protocol(cfg)
+    protocol = config.test_protocol(cfg, nt_cond=args.nt_cond, nt_gen=args.nt_gen, n_samples=args.n_samples,
+                                    checkpoint=args.checkpoint)
+    which = 'official' if official else protocol['checkpoint']
     if not official:
       checkpoints.resolve_step(args.ckpt_dir, which)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
-    raise StartupError(str(e)) from None
-  nt_cond = int(args.nt_cond or protocol['nt_cond'])
-  nt_gen = int(args.nt_gen or protocol['nt_gen'])
-  n_samples = int(args.n_samples or protocol['n_samples'])
+    raise cli.UsageError(str(e)) from None
+  nt_cond, nt_gen = protocol['nt_cond'], protocol['nt_gen']
   if nt_cond < cfg.nt_inf:
-    raise StartupError(f'nt_cond={nt_cond} is smaller than the model\'s nt_inf={cfg.nt_inf}: give --nt_cond >= '
-                       f'{cfg.nt_inf}')
+    raise cli.UsageError(f'nt_cond={nt_cond} is smaller than the model\'s nt_inf={cfg.nt_inf}: give --nt_cond >= '
+                         f'{cfg.nt_inf}')
   if nt_gen <= nt_cond:
-    raise StartupError(f'nt_gen={nt_gen} leaves no frame to predict after nt_cond={nt_cond}: give --nt_gen > {nt_cond}')
-  reference = None
+    raise cli.UsageError(f'nt_gen={nt_gen} leaves no frame to predict after nt_cond={nt_cond}: '
+                         f'give --nt_gen > {nt_cond}')
+  return cfg, official, which, protocol, configured
+
+
+def _reference(args: argparse.Namespace, cfg, protocol: Mapping[str, Any], configured: Mapping[str, Any]):
+  """(numbers, source) to put next to ours: --compare_official, else the paper's for its own protocol, else None."""
+  dataset = config.protocol_dataset(cfg)
   try:
     if args.compare_official:
-      reference = (report.load_reference(args.compare_official), os.path.abspath(args.compare_official))
-    elif config.protocol_dataset(cfg) in report.PAPER_RESULTS and (nt_cond, nt_gen) == (
-        protocol['nt_cond'], config.PAPER_TEST[config.protocol_dataset(cfg)]['nt_gen']):
-      reference = (report.PAPER_RESULTS[config.protocol_dataset(cfg)], 'SRVP paper (ICML 2020), see README')
+      return report.load_reference(args.compare_official), os.path.abspath(args.compare_official)
+    if dataset in report.PAPER_RESULTS and (protocol['nt_cond'], protocol['nt_gen']) == (
+        configured['nt_cond'], config.PAPER_TEST[dataset]['nt_gen']):
+      return report.PAPER_RESULTS[dataset], 'SRVP paper (ICML 2020), see README'
   except ValueError as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
+  return None
+
+
+def _metric_hooks(args: argparse.Namespace, nt_gen: int):
+  """(LPIPS function, I3D weights path) of the metrics asked for (None for those not asked for)."""
   lpips_fn, i3d_path = None, None
   try:
     if 'fvd' in args.metrics:
       i3d_path = hooks.check_fvd(nt_gen, args.i3d_weights)
     if 'lpips' in args.metrics:
-      lpips_path = hooks.resolve_lpips_backbone(args.lpips_backbone)
-      lpips_fn = hooks.LpipsOnFrames(lpips_path)
+      lpips_fn = hooks.LpipsOnFrames(hooks.resolve_lpips_backbone(args.lpips_backbone))
   except hooks.HookError as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
+  return lpips_fn, i3d_path
+
+
+def _test_videos(args: argparse.Namespace, cfg, nt_gen: int) -> np.ndarray:
+  """The test videos this run evaluates (--n_videos first ones), checked against the model and metrics."""
   try:
     videos = load_test_videos(cfg, args.data_dir, nt_gen)
   except (FileNotFoundError, ValueError) as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
   if args.n_videos is not None:
     videos = videos[:args.n_videos]
   if len(videos) == 0:
-    raise StartupError(f'no test video in {args.data_dir}')
+    raise cli.UsageError(f'no test video in {args.data_dir}')
   if videos.shape[-1] != cfg.nc:
-    raise StartupError(f'test videos have {videos.shape[-1]} channel(s) but the model expects nc={cfg.nc}')
+    raise cli.UsageError(f'test videos have {videos.shape[-1]} channel(s) but the model expects nc={cfg.nc}')
   if 'fvd' in args.metrics and len(videos) < 2:
-    raise StartupError(f'FVD needs at least 2 test videos, got {len(videos)}')
+    raise cli.UsageError(f'FVD needs at least 2 test videos, got {len(videos)}')
+  return videos
+
+
+def _startup(args: argparse.Namespace) -> dict[str, Any]:
+  """Every check that can fail before work; returns the resolved settings, the model and the test videos."""
+  cfg, official, which, protocol, configured = _protocol(args)
+  nt_cond, nt_gen, n_samples = protocol['nt_cond'], protocol['nt_gen'], protocol['n_samples']
+  reference = _reference(args, cfg, protocol, configured)
+  lpips_fn, i3d_path = _metric_hooks(args, nt_gen)
+  videos = _test_videos(args, cfg, nt_gen)
   try:
     model, cfg, step = load_model(args.ckpt_dir, which, compute_dtype=args.compute_dtype, model_name=args.model_name)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError, convert.CheckpointError) as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
   note = report.fvd_note(len(videos)) if 'fvd' in args.metrics else None
   if note:
     print(f'warning: {note}', file=sys.stderr)
@@ -203,7 +211,7 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
   try:
     os.makedirs(out_dir, exist_ok=True)
   except OSError as e:
-    raise StartupError(f'cannot create the output folder {out_dir}: {e.strerror or e}') from None
+    raise cli.UsageError(f'cannot create the output folder {out_dir}: {e.strerror or e}') from None
   return dict(cfg=cfg, model=model, step=step, which=which, nt_cond=nt_cond, nt_gen=nt_gen, n_samples=n_samples,
               lpips_fn=lpips_fn, lpips_path=getattr(lpips_fn, 'model', None) and lpips_fn.model.backbone_path,
               i3d_path=i3d_path, videos=videos, out_dir=out_dir, fvd_note=note, reference=reference)
@@ -211,19 +219,17 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs the evaluation; returns the exit status (2: start-up error, 1: failure while running)."""
-  wall_start = time.perf_counter()
-  try:
-    args = parse_args(argv)
-    if 'lpips' in args.metrics:
-      # LPIPS runs in torch on the same GPU: JAX must not reserve 75% of its memory up front (XLA's default).
-      os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-    setup = _startup(args)
-  except StartupError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  import jax  # pylint: disable=import-outside-toplevel
+  return cli.main(_main, argv)
 
-  from srvp_jax.evaluation import hooks, outputs, report, runner  # pylint: disable=import-outside-toplevel
+
+def _main(argv: Sequence[str] | None) -> int:
+  wall_start = time.perf_counter()
+  args = parse_args(argv)
+  if 'lpips' in args.metrics:
+    # LPIPS runs in torch on the same GPU: JAX must not reserve 75% of its memory up front (XLA's default).
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  cli.start(args.verbose, torch_first='lpips' in args.metrics)  # LPIPS runs torch: before any TensorFlow.
+  setup = _startup(args)
   cfg, nt_cond, nt_gen, videos = setup['cfg'], setup['nt_cond'], setup['nt_gen'], setup['videos']
   n_samples = setup['n_samples']
   n_euler = int(args.n_euler_steps or cfg.n_euler_steps)
@@ -240,10 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  sample_chunk=args.sample_chunk, lpips_fn=setup['lpips_fn'],
                                  progress=not args.no_progress)
   except jax.errors.JaxRuntimeError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = cli.first_line(e)
     hint = ': lower --sample_chunk or --batch_size' if 'RESOURCE_EXHAUSTED' in first else ''
-    print(f'error: prediction failed ({first[:300]}){hint}', file=sys.stderr)
-    return 1
+    raise cli.Failure(f'prediction failed ({first}){hint}') from None
   fvd = None
   if 'fvd' in args.metrics:
     print('Computing FVD...', file=sys.stderr)

@@ -24,12 +24,21 @@ its tolerance.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from srvp_jax import cli
+from srvp_jax import config as config_lib
+from srvp_jax import convert, objective
+from srvp_jax.model import PredNoise, TrainNoise, backend
 
 # Tolerances relative to each reference tensor's largest magnitude, per precision and kind of quantity.
 TOLERANCES = {
@@ -100,12 +109,6 @@ def replay(golden_dir: str, precision: str = 'float64', parts: tuple[str, ...] =
   ``forms``: the platform whose layer formulations are traced ('cpu', 'gpu'; ``model.backend.compile_for``),
   executed here on CPU; None: this process's backend.
   """
-  import contextlib  # pylint: disable=import-outside-toplevel
-
-  import jax  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax.model import backend  # pylint: disable=import-outside-toplevel
-
   if precision not in REFERENCE_FILES:
     raise ValueError(f'precision={precision!r}: expected one of {sorted(REFERENCE_FILES)}')
   path = os.path.join(golden_dir, REFERENCE_FILES[precision])
@@ -118,14 +121,6 @@ def replay(golden_dir: str, precision: str = 'float64', parts: tuple[str, ...] =
 
 
 def _replay(golden_dir: str, precision: str, g: dict, parts: tuple[str, ...]) -> Iterator[Comparison]:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from srvp_jax import convert, objective  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model import PredNoise, TrainNoise  # pylint: disable=import-outside-toplevel
-
   cfg = config_lib.load_official_json(os.path.join(golden_dir, 'config.json'))
   cfg.param_dtype = precision
   model = convert.model_from_state_dict(convert.load_torch_file(os.path.join(golden_dir, 'model.pt')), cfg)
@@ -238,19 +233,22 @@ def run(golden_dirs: list[str], printer: Callable[[str], None] = print) -> bool:
   return all_ok
 
 
-def main(argv: list[str] | None = None) -> int:
-  import argparse  # pylint: disable=import-outside-toplevel
-  parser = argparse.ArgumentParser(prog='python -m srvp_jax.parity', description=__doc__.split('\n\n')[0],
-                                   epilog='example: python -m srvp_jax.parity ../shared/reference/golden/*')
+def main(argv: Sequence[str] | None = None) -> int:
+  """Replays the folders; returns the exit status (2: a folder lacks a piece, 1: a quantity out of tolerance)."""
+  return cli.main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  parser = cli.Parser(prog='python -m srvp_jax.parity', description=__doc__.split('\n\n')[0],
+                      examples='example:\n  python -m srvp_jax.parity ../shared/reference/golden/*')
   parser.add_argument('golden_dirs', nargs='+', metavar='GOLDEN_DIR')
   args = parser.parse_args(argv)
-  import jax  # pylint: disable=import-outside-toplevel
+  cli.start(args.verbose)
   jax.config.update('jax_platforms', 'cpu')  # The references were computed on CPU.
   try:
     return 0 if run(args.golden_dirs) else 1
   except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    raise cli.UsageError(str(e)) from None
 
 
 if __name__ == '__main__':

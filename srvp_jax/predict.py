@@ -39,9 +39,15 @@ import time
 import warnings
 from typing import Any, Sequence
 
+import imageio_ffmpeg
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from srvp_jax import clips
+from srvp_jax import checkpoints, cli, clips, config, visualize
+from srvp_jax.metrics import image
+from srvp_jax.model import rsample
 
 DEFAULT_FPS = 4.  # Frame rate of clips whose file does not tell it (arrays, image folders).
 DEFAULT_OUT = 'predictions'
@@ -57,42 +63,14 @@ EXAMPLES = '''examples:
 '''
 
 
-class StartupError(Exception):
-  """A problem found before any work: one line, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-  """Argument errors as one line (``error: ...``, exit status 2 through StartupError)."""
-
-  def error(self, message):
-    raise StartupError(f'{message} (see python -m srvp_jax.predict --help)')
-
-
-def _number(cast, minimum, strict: bool, requirement: str):
-  """An argparse type: ``cast(text)``, > minimum (strict) or >= minimum, else one line saying ``requirement``."""
-  noun = 'an integer' if cast is int else 'a number'
-
-  def parse(text: str):
-    try:
-      value = cast(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
-    if not (value > minimum if strict else value >= minimum):
-      raise argparse.ArgumentTypeError(f'{text} must be {requirement}')
-    return value
-
-  return parse
-
-
-_positive = _number(int, 1, False, 'a positive integer')
-_non_negative = _number(int, 0, False, '>= 0')
-_positive_float = _number(float, 0, True, '> 0')
+_positive = cli.number(int, 1, 'a positive integer')
+_non_negative = cli.number(int, 0, '>= 0')
+_positive_float = cli.number(float, 0, '> 0', strict=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = _Parser(prog='python -m srvp_jax.predict',
-              description='SRVP on your own clips: future frames, content / dynamics swap, higher frame rate.',
-              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(prog='python -m srvp_jax.predict', examples=EXAMPLES, verbose=False,
+                 description='SRVP on your own clips: future frames, content / dynamics swap, higher frame rate.')
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument('ckpt_dir', metavar='CKPT_DIR',
                       help='Checkpoint folder of ours, or an official experiment folder (config.json + model.pt).')
@@ -111,23 +89,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help=f'Frame rate of the clip (default: the file\'s, else {DEFAULT_FPS:g}), divided by --stride.')
   common.add_argument('--out', default=DEFAULT_OUT, metavar='DIR', help=f'Output folder (default {DEFAULT_OUT}).')
   sub = p.add_subparsers(dest='command', required=True, metavar='{future,swap,interpolate}')
-  f = sub.add_parser('future', parents=[common], help='Sample the next frames of a clip.', epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  f = sub.add_parser('future', parents=[common], help='Sample the next frames of a clip.', examples=EXAMPLES,
+                     verbose=True)
   f.add_argument('--input', required=True, metavar='CLIP', help=clips.supported() + '.')
   f.add_argument('--n_future', type=_positive, required=True, metavar='M', help='Frames to predict.')
   f.add_argument('--nt_cond', type=_positive, default=None, help='Conditioning frames (default: the model\'s).')
   f.add_argument('--n_euler_steps', type=_positive, default=None,
                  help='Euler steps per predicted frame (default: the training value, also used over the clip).')
-  s = sub.add_parser('swap', parents=[common], help="A's content moving like B.", epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  s = sub.add_parser('swap', parents=[common], help="A's content moving like B.", examples=EXAMPLES,
+                     verbose=True)
   s.add_argument('--content', required=True, metavar='A', help='Clip giving the content (its last nt_inf frames).')
   s.add_argument('--motion', required=True, metavar='B', help='Clip giving the dynamics (all its frames).')
   s.add_argument('--n_future', type=_non_negative, default=0, metavar='M',
                  help='Frames continued by the prior after B\'s (default 0).')
   s.add_argument('--n_euler_steps', type=_positive, default=None,
                  help='Euler steps per prior frame (default: the training value, also used over B).')
-  i = sub.add_parser('interpolate', parents=[common], help='The clip at K times its frame rate.', epilog=EXAMPLES,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+  i = sub.add_parser('interpolate', parents=[common], help='The clip at K times its frame rate.', examples=EXAMPLES,
+                     verbose=True)
   i.add_argument('--input', required=True, metavar='CLIP', help=clips.supported() + '.')
   i.add_argument('--factor', type=_positive, required=True, metavar='K', help='Frame-rate multiplier.')
   i.add_argument('--n_future', type=_non_negative, default=0, metavar='M',
@@ -143,7 +121,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _noise(model, key, sample_ids, nt_obs, nt_pred):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return model.sample_pred_noise_per_sample(key, jnp.zeros((1,), jnp.int32), sample_ids, nt_obs, nt_pred)
 
 
@@ -158,9 +135,6 @@ def _predict_kernel(model, key, x_cond, x_content, sample_ids, *, nt_pred, n_eul
 def _interpolate_kernel(model, key, x, sample_ids, *, n_future, n_steps, every):
   """(S, 1 + (T - 1 + n_future) * n_steps / every) frames decoded from every ``every``-th Euler state, and
   those states, from the clip x (1, T, ...) integrated with ``n_steps`` Euler steps per frame."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax.model import rsample  # pylint: disable=import-outside-toplevel
   noise = _noise(model, key, sample_ids, x.shape[1], n_future)
   s = sample_ids.shape[0]
   cond = model.condition(x)
@@ -178,7 +152,6 @@ def _interpolate_kernel(model, key, x, sample_ids, *, n_future, n_steps, every):
 
 
 def _metrics_kernel(pred, truth):
-  from srvp_jax.metrics import image  # pylint: disable=import-outside-toplevel
   truth = truth.astype(pred.dtype)
   return image.psnr(pred, truth), image.ssim(pred, truth)
 
@@ -186,8 +159,6 @@ def _metrics_kernel(pred, truth):
 @functools.lru_cache(maxsize=None)
 def compiled(name: str):
   """The jitted kernel ``name`` (cached: one compilation per model structure and static arguments)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   if name == 'predict':
     return nnx.jit(_predict_kernel, static_argnames=('nt_pred', 'n_euler_steps', 'cond_euler_steps'))
   if name == 'interpolate':
@@ -198,12 +169,10 @@ def compiled(name: str):
 
 
 def _as_batch(frames: np.ndarray):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return jnp.asarray(frames[None], jnp.float32) / 255.
 
 
 def _sample_ids(n_samples: int):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return jnp.arange(n_samples, dtype=jnp.int32)
 
 
@@ -215,8 +184,6 @@ def future(model, cfg, frames: np.ndarray, *, nt_cond: int, n_future: int, n_sam
   reconstruction, samples (S, n_future, ...), and when frames has more than nt_cond frames truth
   (n_truth, ...) with psnr / ssim (S, n_truth) of each sample's first n_truth frames.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   train_steps = int(cfg.n_euler_steps)
   x = _as_batch(frames[:nt_cond + n_future])
   rec, pred = compiled('predict')(model, jax.random.key(seed), x[:, :nt_cond], None, _sample_ids(n_samples),
@@ -235,8 +202,6 @@ def swap(model, cfg, content: np.ndarray, motion: np.ndarray, *, n_future: int, 
          n_euler_steps: int | None = None) -> dict[str, np.ndarray]:
   """A's content with B's dynamics: samples (S, T_B + n_future, ...) float32, the first T_B frames decoded
   from the states inferred from B, the rest from the prior; content / motion the given frames."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   train_steps = int(cfg.n_euler_steps)
   xa, xb = _as_batch(content), _as_batch(motion)
   # At least one prior frame is predicted (the noise of B's frames does not depend on how many); extras are dropped.
@@ -258,7 +223,6 @@ def interpolate(model, cfg, frames: np.ndarray, *, factor: int, n_future: int, n
                 seed: int) -> dict[str, np.ndarray]:
   """The clip decoded at K times its frame rate: samples (S, 1 + (T - 1 + n_future) K, ...) float32 at times
   ``times`` (in input frames), their states y, and input the given frames."""
-  import jax  # pylint: disable=import-outside-toplevel
   steps, every = euler_plan(factor, int(cfg.n_euler_steps))
   x = _as_batch(frames)
   samples, states = compiled('interpolate')(model, jax.random.key(seed), x, _sample_ids(n_samples),
@@ -280,7 +244,6 @@ def _byte(x: np.ndarray) -> np.ndarray:
 
 def _panel(*segments: tuple[np.ndarray, tuple[int, int, int]]) -> np.ndarray:
   """A bordered video from segments of float frames (T_i, H, W, C), each with its border colour."""
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   segments = [(f, c) for f, c in segments if len(f)]
   frames = np.concatenate([_byte(f) for f, _ in segments])
   return visualize.bordered(frames, [c for f, c in segments for _ in range(len(f))])
@@ -295,7 +258,6 @@ def gif_ms(fps: float) -> int:
 
 
 def future_figure(res: dict[str, np.ndarray]) -> np.ndarray:
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   cond, samples = res['cond'], res['samples']
   truth = res.get('truth', cond[:0])
   clip = _panel((cond, visualize.COND_COLOR), (truth, visualize.TRUTH_COLOR),
@@ -306,7 +268,6 @@ def future_figure(res: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def swap_figure(res: dict[str, np.ndarray]) -> np.ndarray:
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   t_b = len(res['motion'])
   panels = [('content A', _panel((res['content'], visualize.COND_COLOR))),
             ('motion B', _panel((res['motion'], visualize.COND_COLOR)))]
@@ -316,7 +277,6 @@ def swap_figure(res: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def interpolate_figure(res: dict[str, np.ndarray], factor: int) -> np.ndarray:
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   frames, samples = res['input'], res['samples']
   n_obs = 1 + (len(frames) - 1) * factor  # Output frames over the observed span.
   held = np.repeat(frames, factor, axis=0)[:n_obs]
@@ -328,7 +288,6 @@ def interpolate_figure(res: dict[str, np.ndarray], factor: int) -> np.ndarray:
 
 def save_mp4(path: str, frames: np.ndarray, fps: float) -> None:
   """(T, H, W, 3) uint8 frames as an H.264 MP4 through imageio-ffmpeg (padded white to multiples of 16)."""
-  import imageio_ffmpeg  # pylint: disable=import-outside-toplevel
   t, h, w, _ = frames.shape
   ph, pw = -h % 16, -w % 16
   frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=255)
@@ -346,40 +305,39 @@ def save_mp4(path: str, frames: np.ndarray, fps: float) -> None:
 
 
 def _load_model(args):
-  from srvp_jax import checkpoints, config  # pylint: disable=import-outside-toplevel
   try:
     return checkpoints.load_model(args.ckpt_dir, str(args.checkpoint), compute_dtype='float32',
                                   model_name=args.model_name)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
   except (OSError, ValueError, KeyError, RuntimeError) as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-    raise StartupError(f'cannot load the checkpoint {args.ckpt_dir}: {first}') from None
+    first = cli.first_line(e)
+    raise cli.UsageError(f'cannot load the checkpoint {args.ckpt_dir}: {first}') from None
 
 
 def _load_clip(path, cfg, args, n_frames=None, need=1, what='clip'):
   try:
     clip = clips.load(path, int(cfg.nc), start=args.start, stride=args.stride, n_frames=n_frames, mode=args.fit)
   except clips.ClipError as e:
-    raise StartupError(str(e)) from None
+    raise cli.UsageError(str(e)) from None
   if len(clip.frames) < need:
-    raise StartupError(f'{what} {path} has {len(clip.frames)} frame(s) (after --start {args.start} --stride '
-                       f'{args.stride}) but {need} are needed: give a longer clip or lower --start / --stride')
+    raise cli.UsageError(f'{what} {path} has {len(clip.frames)} frame(s) (after --start {args.start} --stride '
+                         f'{args.stride}) but {need} are needed: give a longer clip or lower --start / --stride')
   return clip
 
 
 def _startup(args) -> dict[str, Any]:
   """Loads the model and the clips, checks the numbers, creates the output folder."""
   if not os.path.isdir(args.ckpt_dir):
-    raise StartupError(f'checkpoint folder {args.ckpt_dir} not found')
+    raise cli.UsageError(f'checkpoint folder {args.ckpt_dir} not found')
   model, cfg, step = _load_model(args)
   nt_inf = int(cfg.nt_inf)
   setup = dict(model=model, cfg=cfg, step=step)
   if args.command == 'future':
     nt_cond = int(args.nt_cond or cfg.nt_cond)
     if nt_cond < nt_inf:
-      raise StartupError(f'--nt_cond {nt_cond} is smaller than the model\'s nt_inf={nt_inf}: '
-                         f'give --nt_cond >= {nt_inf}')
+      raise cli.UsageError(f'--nt_cond {nt_cond} is smaller than the model\'s nt_inf={nt_inf}: '
+                           f'give --nt_cond >= {nt_inf}')
     n_read = min(args.n_frames or nt_cond + args.n_future, nt_cond + args.n_future)
     setup['clip'] = _load_clip(args.input, cfg, args, n_read, nt_cond, f'the clip (nt_cond={nt_cond})')
     setup['nt_cond'] = nt_cond
@@ -391,14 +349,13 @@ def _startup(args) -> dict[str, Any]:
   try:
     os.makedirs(args.out, exist_ok=True)
   except OSError as e:
-    raise StartupError(f'cannot create the output folder {args.out}: {e.strerror or e}') from None
+    raise cli.UsageError(f'cannot create the output folder {args.out}: {e.strerror or e}') from None
   setup['fps'] = (args.fps or DEFAULT_FPS) / args.stride if args.fps or not setup['clip'].fps else setup['clip'].fps
   return setup
 
 
 def run(args, setup) -> list[str]:
   """Computes and writes the outputs of the command; returns the written paths."""
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   model, cfg, fps = setup['model'], setup['cfg'], setup['fps']
   base = os.path.join(args.out, args.command)
   written = [base + '.gif', base + '.npz']
@@ -442,26 +399,24 @@ def _describe(args, setup) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command; returns the exit status (2: error before any work, 1: failure while running)."""
-  try:
-    args = parse_args(argv)
-    setup = _startup(args)
-  except StartupError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  import jax  # pylint: disable=import-outside-toplevel
+  return cli.main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  cli.start(args.verbose)
+  setup = _startup(args)
   start = time.perf_counter()
   print(f'{_describe(args, setup)}; model {args.ckpt_dir} (step {setup["step"]}) on '
         f'{jax.devices()[0].platform}: compiling and running...', file=sys.stderr, flush=True)
   try:
     written = run(args, setup)
   except jax.errors.JaxRuntimeError as e:
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    first = cli.first_line(e)
     hint = ': lower --n_samples or --n_frames' if 'RESOURCE_EXHAUSTED' in first else ''
-    print(f'error: prediction failed ({first}){hint}', file=sys.stderr)
-    return 1
+    raise cli.Failure(f'prediction failed ({first}){hint}') from None
   except OSError as e:
-    print(f'error: cannot write the outputs in {args.out}: {e.strerror or e}', file=sys.stderr)
-    return 1
+    raise cli.Failure(f'cannot write the outputs in {args.out}: {e.strerror or e}') from None
   print(f'done in {time.perf_counter() - start:.1f} s: ' + ', '.join(written), file=sys.stderr)
   return 0
 

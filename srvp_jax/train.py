@@ -223,11 +223,11 @@ def make_val_fn(graphdef, cfg: Mapping[str, Any], n_samples: int, mesh: Mesh | N
 # Logging and periodic actions.
 def _clu():
   """clu's ``metric_writers`` and ``periodic_actions`` (they import TensorFlow: lazily, GPUs hidden from it)."""
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
+  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
   quiet = 'tensorflow' not in sys.modules and logging.get_verbosity() < logging.INFO
   with _stderr_silenced(quiet):  # TensorFlow's C++ start-up notes (oneDNN, absl) bypass every log level.
     try:
-      tf_utils.import_tensorflow()
+      import_order.import_tensorflow()
     except ImportError as e:
       logging.info('TensorBoard events disabled (%s)', e)
     from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel

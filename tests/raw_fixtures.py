@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 import imageio_ffmpeg
 import numpy as np
 
-from srvp_jax.data import tf_utils
+from srvp_jax import import_order
 
 KTH_SIZE = (160, 120)  # (width, height) of the original KTH videos.
 HUMAN_SIZE = (1000, 1002)  # (width, height) of the original Human3.6M videos.
@@ -84,7 +84,7 @@ def write_bair_tfrecords(root: str, split: str, videos_per_file: Sequence[int], 
   the ``image_aux1`` videos in the official order (files sorted by name, records in file order),
   uint8 (N, 30, 64, 64, 3). ``image_main`` holds other frames, so reading the wrong camera is caught.
   """
-  tf = tf_utils.import_tensorflow()
+  tf = import_order.import_tensorflow()
   folder = os.path.join(root, split)
   os.makedirs(folder, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -109,7 +109,7 @@ def prepare_bair_tfds(data_dir: str, softmotion_root: str) -> None:
   Runs the TFDS builder's own ``_generate_examples`` on the fixture files (only the download is replaced),
   so the result is the real TFDS on-disk format.
   """
-  tf_utils.import_tensorflow()
+  import_order.import_tensorflow()
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   official = type(tfds.builder('bair_robot_pushing_small', data_dir=data_dir))
 

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 import pytest
 
-from srvp_jax.data import cli, get_dataset, human, kth, store
+from srvp_jax.data import get_dataset, store
+from srvp_jax.preparation import cli, human, kth
 from tests import raw_fixtures as rf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

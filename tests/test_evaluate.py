@@ -21,7 +21,9 @@ from PIL import Image
 from srvp_jax import checkpoints, evaluate, evaluation
 from srvp_jax.evaluation import hooks, report
 from srvp_jax import config as config_lib
-from srvp_jax.data import cli as data_cli, mmnist
+from srvp_jax.data import mmnist
+from srvp_jax.preparation import cli as data_cli
+from srvp_jax.preparation import mmnist as mmnist_prep
 from srvp_jax.metrics import image
 from srvp_jax.model import build_model
 
@@ -75,7 +77,7 @@ def mmnist_dir(tmp_path_factory):
   images = np.zeros((2 * N_VIDEOS, 28, 28), np.uint8)
   images[:, 5:23, 8:20] = rng.integers(0, 256, (2 * N_VIDEOS, 18, 12), dtype=np.uint8)
   labels = rng.integers(0, 10, 2 * N_VIDEOS).astype(np.uint8)
-  arrays = mmnist.official_test_set(images, labels, deterministic=False, seq_len=6, n_videos=N_VIDEOS)
+  arrays = mmnist_prep.official_test_set(images, labels, deterministic=False, seq_len=6, n_videos=N_VIDEOS)
   np.savez_compressed(os.path.join(data_dir, mmnist.test_set_filename(False)), **arrays)
   return data_dir
 

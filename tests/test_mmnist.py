@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from srvp_jax import config
-from srvp_jax.data import cli, get_dataset, mmnist, mnist, pipeline
+from srvp_jax.data import get_dataset, mmnist, mnist, pipeline
+from srvp_jax.preparation import cli
+from srvp_jax.preparation import mmnist as mmnist_prep
 
 LIM = 36  # 64 - 28.
 
@@ -313,17 +315,16 @@ def test_make_test_set_cli_matches_reference(tmp_path, deterministic):
 
 def test_make_test_set_fewer_videos_and_digits():
   images, labels = fake_digits(40, 5)
-  got = mmnist.official_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
+  got = mmnist_prep.official_test_set(images, labels, deterministic=False, seq_len=25, ndigits=3, n_videos=7)
   assert_same_arrays(got, reference_test_set(images, labels, False, 25, n_videos=7, ndigits=3))
 
 
 def test_make_test_set_errors(tmp_path, capsys):
   with pytest.raises(FileNotFoundError, match='make_test_set mmnist'):
     mmnist.load_test_set(str(tmp_path), deterministic=False)
-  with pytest.raises(SystemExit) as exit_info:
-    cli.main(['make_test_set', 'nope', '--data_dir', str(tmp_path)])
-  assert exit_info.value.code == 2
-  capsys.readouterr()
+  assert cli.main(['make_test_set', 'nope', '--data_dir', str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: argument dataset: invalid choice: 'nope'") and err.count('\n') == 1, err
   assert mmnist.DEFAULT_TEST_LEN == {False: 25, True: 100}
   with mock.patch.object(mnist, '_reachable', lambda *a, **k: False):
     assert cli.main(['make_test_set', 'mmnist', '--data_dir', str(tmp_path / 'none'), '--source', 'idx']) == 1

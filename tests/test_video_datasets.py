@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from srvp_jax import config
-from srvp_jax.data import base, bair, cli, get_dataset, human, kth, pipeline
+from srvp_jax.data import base, get_dataset, pipeline
+from srvp_jax.preparation import bair, cli, human, kth, steps
 
 # --------------------------------------------------------------------------------------------------------------------
 # Fake datasets.
@@ -395,7 +396,7 @@ def test_kth_download_uses_official_urls(tmp_path, monkeypatch):
       z.writestr(f'person01_{action}_d1_uncomp.avi', b'avi')
     payloads[f'http://www.nada.kth.se/cvap/actions/{action}.zip'] = buf.getvalue()
   seen = []
-  monkeypatch.setattr(base.urllib.request, 'urlopen', _fake_urlopen(payloads, seen))
+  monkeypatch.setattr(steps.urllib.request, 'urlopen', _fake_urlopen(payloads, seen))
   kth.KTH(None, str(tmp_path)).download()
   assert seen == list(payloads)
   for action in kth.CLASSES:
@@ -411,7 +412,7 @@ def test_bair_download_uses_official_url(tmp_path, monkeypatch):
     tar.addfile(info, io.BytesIO(b'abc'))
   seen = []
   url = 'http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar'
-  monkeypatch.setattr(base.urllib.request, 'urlopen', _fake_urlopen({url: buf.getvalue()}, seen))
+  monkeypatch.setattr(steps.urllib.request, 'urlopen', _fake_urlopen({url: buf.getvalue()}, seen))
   bair.BAIR(None, str(tmp_path)).download()
   assert seen == [url]
   assert (tmp_path / 'softmotion30_44k' / 'test' / 'traj_0_to_255.tfrecords').read_bytes() == b'abc'
@@ -421,7 +422,7 @@ def test_bair_download_uses_official_url(tmp_path, monkeypatch):
 def test_download_offline_is_one_clear_line(tmp_path, monkeypatch, capsys):
   def offline(url, timeout=None):
     raise urllib.error.URLError('Name or service not known')
-  monkeypatch.setattr(base.urllib.request, 'urlopen', offline)
+  monkeypatch.setattr(steps.urllib.request, 'urlopen', offline)
   with pytest.raises(RuntimeError, match=r'cannot download http://www.nada.kth.se/cvap/actions/boxing.zip') as e:
     kth.KTH(None, str(tmp_path)).download()
   assert '\n' not in str(e.value)
@@ -477,8 +478,9 @@ def test_cli_make_test_set(kth_dir, human_dir, tmp_path, capsys):
   assert sorted(os.listdir(os.path.join(human_dir, 'test_set_3_2'))) == ['test_0.npz', 'test_1.npz']
   assert cli.main(['make_test_set', 'human', '--data_dir', str(tmp_path)]) == 1
   assert capsys.readouterr().err.startswith('error: Human3.6M test videos not found')
-  for argv in (['make_test_set', 'mnist', '--data_dir', 'x'], ['make_test_set', 'kth', '--data_dir', 'x',
-                                                                '--subsampling', '2']):
-    with pytest.raises(SystemExit) as exit_info:
-      cli.main(argv)
-    assert exit_info.value.code == 2
+  for argv, expected in ((['make_test_set', 'mnist', '--data_dir', 'x'], "invalid choice: 'mnist'"),
+                         (['make_test_set', 'kth', '--data_dir', 'x', '--subsampling', '2'],
+                          '--subsampling applies to human only')):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: ') and expected in err and err.count('\n') == 1, err

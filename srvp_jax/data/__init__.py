@@ -1,17 +1,17 @@
-"""Datasets behind one interface, the video store, grain input streams and the data CLI.
+"""The streaming side of the data: datasets behind one interface, the video store, grain input streams.
 
 ``get_dataset(cfg)`` returns the config's dataset (``base.Dataset``): ``train_batches(...)``,
 ``val_batches(...)`` (float32 (B, T, 64, 64, nc) in [0, 1]) and ``test_set(seq_len)`` (uint8). Training,
 validation and evaluation go through it; nothing else dispatches on the dataset name. The steps that
-make the data (download, prepare, make_test_set, inspect, throughput) are ``python -m srvp_jax.data``.
-TensorFlow is imported only where a TensorFlow format is read (TFRecords, TFDS), never here.
+make the data (download, prepare, make_test_set, inspect, throughput) are ``srvp_jax.preparation``, run
+as ``python -m srvp_jax.data``; no module here imports it. TensorFlow is imported only where a TensorFlow
+format is read (TFDS digits here, TFRecords in the preparation), never at a module's top.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import Any, Mapping
-
 
 
 class DataError(ValueError):

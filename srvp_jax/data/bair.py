@@ -1,9 +1,9 @@
-"""BAIR robot pushing: the dataset (training / validation clips, test set), download and preparation.
+"""BAIR robot pushing: the dataset (training / validation clips, test set); preparation: ``srvp_jax.preparation.bair``.
 
 Inputs, any of:
 - the video store ``DIR/store/{train,test}`` (``python -m srvp_jax.data prepare bair --data_dir DIR``);
 - the original archive ``DIR/softmotion30_44k/{train,test}/*.tfrecords`` (43,264 training and 256 test
-  videos; camera ``image_aux1``, 30 frames), which ``prepare`` reads directly (``srvp_jax.data.raw``);
+  videos; camera ``image_aux1``, 30 frames), which ``prepare`` reads directly (``srvp_jax.preparation.bair``);
 - a prepared TFDS ``bair_robot_pushing_small`` (``prepare bair --source tfds --tfds_data_dir D``; TFDS
   orders videos by its own hash, so the validation fold and the test order differ from the official ones);
 - the official PNG layout ``DIR/processed_data/{train,test}/<tfrecord name>/<k:03d>/<i:03d>.png`` (what
@@ -18,15 +18,11 @@ DataLoader), with a random start per clip; the test set is the first frames of t
 from __future__ import annotations
 
 import os
-import tarfile
-from typing import Iterator
 
 import numpy as np
 
 from srvp_jax.data import DataError, base, store
 
-# Official download script (edenton/svg data/download_bair.sh, called by srvp preprocessing/bair/download.sh).
-URL = 'http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar'
 N_FRAMES = 30
 NX = base.NX
 
@@ -83,85 +79,3 @@ class BAIR(base.ClipDataset):
       raise DataError(f'BAIR videos have {N_FRAMES} frames; seq_len={seq_len} must be between 1 and {N_FRAMES}')
     videos = self.videos('test')
     return np.stack([np.asarray(videos.clip(i, 0, seq_len)) for i in range(len(videos))])
-
-  def make_test_set(self, **options) -> str:
-    raise DataError('the BAIR test set is the first frames of the test split: nothing to make '
-                    f'(`{base.command("prepare", "bair", self.data_dir)}` makes the test split)')
-
-  def inspect(self):
-    lines = super().inspect()
-    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-    for split in self.splits:
-      if self.has_store(split):
-        n = len(store.StoreVideos(self.data_dir, split))
-        if n != raw.BAIR_VIDEOS[split]:
-          lines.append(f'store {split} is incomplete: {n} of the {raw.BAIR_VIDEOS[split]:,} official videos; '
-                       f'download the whole archive (`{base.command("download", "bair", self.data_dir)}`) and run '
-                       f'`{base.command("prepare", "bair", self.data_dir, " --force")}`')
-    root = os.path.join(self.data_dir, 'softmotion30_44k')
-    for split in self.splits:
-      try:
-        lines.append(f'original TFRecords {split}: {len(raw.bair_tfrecord_files(root, split))} files in {root}/{split}')
-      except (FileNotFoundError, ValueError):
-        lines.append(f'original TFRecords {split}: not found (`{base.command("download", "bair", self.data_dir)}`)')
-    return lines
-
-  # Download and preparation. ---------------------------------------------------------------------------------
-
-  def download(self) -> None:
-    """Downloads and unpacks the original archive into ``DIR/softmotion30_44k/`` (official URL, ~30 GB)."""
-    os.makedirs(self.data_dir, exist_ok=True)
-    archive = os.path.join(self.data_dir, os.path.basename(URL))
-    base.download_file(URL, archive)
-    try:
-      with tarfile.open(archive) as tar:
-        tar.extractall(self.data_dir, filter='data')
-    except tarfile.TarError as e:
-      raise DataError(f'{archive} is not a readable tar archive ({e}); delete it and download again') from None
-    os.remove(archive)
-
-  def sources(self) -> dict:
-    return {'tfrecords': 'original TFRecords (softmotion30_44k/)', 'png': 'official PNG frames (processed_data/)',
-            'tfds': 'TFDS bair_robot_pushing_small (TFDS order, not the official one)'}
-
-  def auto_source(self, tfds_data_dir: str | None = None):
-    if os.path.isdir(os.path.join(self.data_dir, 'softmotion30_44k')):
-      return 'tfrecords'
-    if index_videos(self.data_dir, 'train') is not None:
-      return 'png'
-    if tfds_data_dir:
-      return 'tfds'
-    raise FileNotFoundError(f'BAIR data not found in {self.data_dir}: expected softmotion30_44k/{{train,test}}/'
-                            f'*.tfrecords (or processed_data/ PNG frames); get them with '
-                            f'`{base.command("download", "bair", self.data_dir)}`')
-
-  def items(self, source, tfds_data_dir: str | None = None):
-    if source == 'tfds':
-      return self._tfds_items(tfds_data_dir)
-    return self._tfrecord_items() if source == 'tfrecords' else self._png_items()
-
-  def _tfrecord_items(self) -> Iterator[tuple]:
-    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-    root = os.path.join(self.data_dir, 'softmotion30_44k')
-    for split in self.splits:
-      names = [f'{record}/{k:03d}' for record, k in raw.bair_tfrecord_index(root, split)]
-      for name, video in zip(names, raw.bair_tfrecord_videos(root, split)):
-        yield split, name, {}, video
-
-  def _png_items(self) -> Iterator[tuple]:
-    for split in self.splits:
-      found = index_videos(self.data_dir, split)
-      if found is None:
-        raise FileNotFoundError(f'BAIR {split} PNG frames not found: expected {self.data_dir}/processed_data/{split}/'
-                                '<tfrecord>/<k>/000.png..029.png')
-      read = lambda frames: np.stack([base.read_frame(p, 3) for p in frames])
-      for name, video in zip(found[0], base.ordered_map(read, found[1])):
-        yield split, name, {}, video
-
-  def _tfds_items(self, tfds_data_dir: str | None) -> Iterator[tuple]:
-    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-    if not tfds_data_dir:
-      raise DataError('--source tfds needs --tfds_data_dir (the folder where bair_robot_pushing_small is prepared)')
-    for split in self.splits:
-      for i, video in enumerate(raw.bair_tfds_videos(tfds_data_dir, split)):
-        yield split, f'tfds/{i:05d}', {}, video

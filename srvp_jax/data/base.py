@@ -6,8 +6,8 @@
   (seed, k, p) (grain, ``pipeline.step_indexed``), so resuming at step k is exact.
 - ``val_batches(batch_size, seed, n_batches)``: validation batches (official 95/5 fold), fixed by seed.
 - ``test_set(seq_len)``: the official test videos, uint8 (N, seq_len, 64, 64, nc).
-- ``download()``, ``prepare(source, force)``, ``make_test_set(**options)``, ``inspect()``: the steps of
-  ``python -m srvp_jax.data``.
+The steps that make the data (download, prepare, make_test_set, inspect) are added to each dataset by
+``srvp_jax.preparation``, which imports this package, never the reverse.
 
 ``ClipDataset`` is the shared implementation of KTH, Human3.6M and BAIR: videos come from the video
 store (``store.py``) when ``prepare`` made it, else from the official on-disk layout (read, slower, with
@@ -20,13 +20,9 @@ import abc
 import collections
 import concurrent.futures
 import functools
-import os
 import re
-import shutil
 import sys
 import threading
-import urllib.error
-import urllib.request
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -76,22 +72,6 @@ class Dataset(abc.ABC):
   @abc.abstractmethod
   def test_set(self, seq_len: int | None = None) -> np.ndarray:
     """The official test videos, uint8 (N, seq_len, 64, 64, nc)."""
-
-  @abc.abstractmethod
-  def download(self) -> None:
-    """Fetches the raw data from the official URLs (one line naming the URL and the file when offline)."""
-
-  @abc.abstractmethod
-  def prepare(self, source: str = 'auto', force: bool = False, progress: bool = True) -> list[str]:
-    """Turns raw data or an official layout into what training reads; returns the lines to print."""
-
-  @abc.abstractmethod
-  def make_test_set(self, **options) -> str:
-    """Writes the official test file(s) with the official draws; returns the path."""
-
-  @abc.abstractmethod
-  def inspect(self) -> list[str]:
-    """What ``data_dir`` holds and what is missing, with the command that makes it."""
 
   def describe_source(self) -> str:
     """Where the training videos come from (one line, for ``throughput``)."""
@@ -225,37 +205,6 @@ def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 2
       yield pending.popleft().result()
   finally:
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-def download_file(url: str, dest: str) -> None:
-  """Streams ``url`` to ``dest`` (kept if already there, e.g. copied by hand); one clear line when offline."""
-  if os.path.isfile(dest):
-    return
-  os.makedirs(os.path.dirname(dest) or '.', exist_ok=True)
-  tmp = dest + '.part'
-  try:
-    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, 'wb') as f:
-      shutil.copyfileobj(response, f, length=1 << 20)
-  except (urllib.error.URLError, OSError) as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise RuntimeError(f'cannot download {url} ({e}); get it on a machine with internet access and put it at {dest}') \
-        from None
-  os.replace(tmp, dest)
-
-
-def progress_bar(total: int | None, desc: str, enabled: bool = True):
-  """A tqdm bar on stderr, shown after a second (a quick failure prints only its error line)."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  return tqdm(total=total, desc=desc, unit='video', disable=not enabled, dynamic_ncols=True, file=sys.stderr, delay=1)
-
-
-def format_bytes(n: float) -> str:
-  for unit in ('B', 'KB', 'MB', 'GB', 'TB'):
-    if n < 1000 or unit == 'TB':
-      return f'{n:.1f} {unit}' if unit != 'B' else f'{int(n)} B'
-    n /= 1000
-  return f'{n:.1f} TB'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -394,56 +343,3 @@ class ClipDataset(Dataset):
     picks = self.epoch_picks(('val', int(seed), 1), self.eligible('val', seq_len),
                              np.arange(k * batch_size, (k + 1) * batch_size))
     return pipeline.to_float(self.clips(pipeline.step_rng(seed, k), picks, seq_len))
-
-  # Data CLI. -------------------------------------------------------------------------------------------------
-
-  @abc.abstractmethod
-  def sources(self) -> dict[str, str]:
-    """``prepare``'s inputs: name -> description."""
-
-  @abc.abstractmethod
-  def auto_source(self, **options) -> str:
-    """The input ``prepare`` reads by default (the first one present)."""
-
-  @abc.abstractmethod
-  def items(self, source: str, **options) -> Iterator[tuple]:
-    """``(split, name, meta, video uint8 (T, 64, 64, nc))`` of every video of ``source``, in the official order."""
-
-  def prepare(self, source='auto', force=False, progress=True, **options):
-    """Writes the store's train and test splits from ``source`` in one pass; returns the lines to print."""
-    if not force and all(self.has_store(s) for s in self.splits):
-      return [f'{self.title} store already in {os.path.join(self.data_dir, store.STORE_DIR)} (--force rebuilds it)']
-    source = self.auto_source(**options) if source == 'auto' else source
-    with progress_bar(None, f'{self.title} videos', progress) as bar:
-      paths = store.write_splits(self.data_dir, self.name, self.nc, self.splits, self.items(source, **options),
-                                 progress=bar.update)
-    return [f'{self.title} {split}: {len(store.StoreVideos(self.data_dir, split))} videos from '
-            f'{self.sources()[source]} -> {path}' for split, path in paths.items()]
-
-  def inspect(self) -> list[str]:
-    lines = []
-    for split in self.splits:
-      if self.has_store(split):
-        try:
-          v = store.StoreVideos(self.data_dir, split)
-          lines.append(f'store {split}: {len(v)} videos, {int(v.lengths.sum())} frames (min {v.lengths.min()}, max '
-                       f'{v.lengths.max()}) of 64x64x{v.nc}, {format_bytes(v.nbytes())} in {v.root}')
-        except (store.StoreError, FileNotFoundError) as e:
-          lines.append(f'store {split}: BROKEN: {e}')
-      else:
-        lines.append(f'store {split}: missing; make it with `{command("prepare", self.name, self.data_dir)}`')
-    for split in self.splits:
-      try:
-        v = self.official_videos(split)
-      except (FileNotFoundError, ValueError) as e:
-        v, err = None, str(e)
-      else:
-        err = ''
-      if v is not None:
-        lines.append(f'official layout {split}: {len(v)} videos, {int(v.lengths.sum())} frames '
-                     f'({self.official_layout})')
-      elif err:
-        lines.append(f'official layout {split}: unreadable: {err}')
-      else:
-        lines.append(f'official layout {split}: not found ({self.official_layout})')
-    return lines

@@ -1,4 +1,4 @@
-"""Human3.6M: the dataset (training / validation clips, official test set) and its preparation.
+"""Human3.6M: the dataset (training / validation clips, official test set); preparation: ``srvp_jax.preparation.human``.
 
 Inputs, any of:
 - the video store ``DIR/store/{train,test}`` (``python -m srvp_jax.data prepare human --data_dir DIR``);
@@ -7,7 +7,7 @@ Inputs, any of:
   with ``image`` uint8 (frames, 64, 64, 3) at the original 50 fps, ``filename`` and ``subject``. Read
   memory-mapped (as fast as the store), or packed into the store by ``prepare``;
 - the extracted original videos ``DIR/S<n>/Videos/*.mp4``, which ``prepare`` converts as the official
-  script does (``srvp_jax.data.raw``).
+  script does (``srvp_jax.preparation.human``).
 
 Videos are in sorted file-name order (``S<n>-<video>``), as the official dataset lists them. Clips keep
 one frame in ``subsampling`` (8). The official test set is the folder ``DIR/test_set_53_8/`` of
@@ -21,7 +21,6 @@ import os
 import re
 import struct
 import zipfile
-from typing import Iterator
 
 import numpy as np
 
@@ -70,7 +69,7 @@ def _check_video(path: str, video: np.ndarray) -> None:
     raise DataError(f'{path}: image is {video.dtype} {video.shape}, expected uint8 (frames, 64, 64, 3)')
 
 
-def _npz_files(folder: str) -> list[str]:
+def npz_files(folder: str) -> list[str]:
   return sorted(f for f in os.listdir(folder) if f.endswith('.npz')) if os.path.isdir(folder) else []
 
 
@@ -122,7 +121,7 @@ class Human(base.ClipDataset):
 
   def official_videos(self, split):
     folder = os.path.join(self.data_dir, split)
-    files = _npz_files(folder)
+    files = npz_files(folder)
     return NpzVideos([os.path.join(folder, f) for f in files]) if files else None
 
   def missing(self, split):
@@ -150,7 +149,7 @@ class Human(base.ClipDataset):
     seq_len = test_len if seq_len is None else int(seq_len)
     sub = self.step
     folder = official_test_dir(self.data_dir, test_len, sub)
-    files = _npz_files(folder)
+    files = npz_files(folder)
     if not files:
       raise FileNotFoundError(
           f'Human3.6M test set for {test_len} frames (subsampling {sub}) not found: expected {folder}/test_<i>.npz; '
@@ -169,92 +168,3 @@ class Human(base.ClipDataset):
                         f'with subsampling {sub}')
       out[i] = video[:(seq_len - 1) * sub + 1:sub]
     return out
-
-  def make_test_set(self, size: int = 1000, seq_len: int = TEST_LEN, subsampling: int | None = None,
-                    seed: int = 42) -> str:
-    """Writes ``test_set_<seq_len>_<subsampling>/test_<i>.npz`` with the official draws (official make_test_set.py).
-
-    With NumPy's legacy generator seeded ``seed``, each extract draws a video index randint(n_videos) among
-    the sorted test videos, then a start randint(n_frames - ((seq_len - 1) * subsampling + 1) + 1). Each file
-    keeps the source video's keys, ``image`` cut to the un-subsampled extract, plus ``frame`` (the start).
-    Reads the official ``test/*.npz`` files when present, else the store's test split.
-    """
-    subsampling = self.step if subsampling is None else int(subsampling)
-    folder = os.path.join(self.data_dir, 'test')
-    files = _npz_files(folder)
-    if files:
-      def source(i):
-        path = os.path.join(folder, files[i])
-        with np.load(path) as f:
-          keys = {k: f[k] for k in f.files if k != 'image'}
-        return path, load_npz_array(path), keys
-      n_videos = len(files)
-    elif self.has_store('test'):
-      videos = store.StoreVideos(self.data_dir, 'test')
-
-      def source(i):
-        meta = videos.meta[i]
-        return videos.names[i], videos.video(i), {'filename': meta['filename'], 'subject': meta['subject']}
-      n_videos = len(videos)
-    else:
-      raise FileNotFoundError(self.missing('test'))
-    save_dir = official_test_dir(self.data_dir, seq_len, subsampling)
-    os.makedirs(save_dir, exist_ok=True)
-    span = (seq_len - 1) * subsampling + 1
-    rng = np.random.RandomState(seed)
-    for i in range(size):
-      name, video, keys = source(rng.randint(n_videos))
-      if len(video) < span:
-        raise DataError(f'Human3.6M test video {name} has {len(video)} frames, fewer than the {span} of a test '
-                        'extract')
-      t0 = rng.randint(len(video) - span + 1)
-      np.savez(os.path.join(save_dir, f'test_{i}'), image=np.array(video[t0:t0 + span]), **keys, frame=t0)
-    return save_dir
-
-  def inspect(self):
-    lines = super().inspect()
-    folders = sorted(f for f in os.listdir(self.data_dir) if re.match(r'^test_set_\d+_\d+$', f))
-    for f in folders:
-      lines.append(f'test set {f}/: {len(_npz_files(os.path.join(self.data_dir, f)))} extracts')
-    if f'test_set_{TEST_LEN}_{SUBSAMPLING}' not in folders:
-      lines.append(f'test set test_set_{TEST_LEN}_{SUBSAMPLING}/: missing; make it with '
-                   f'`{base.command("make_test_set", "human", self.data_dir)}`')
-    try:
-      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-      lines.append(f'original videos: {len(raw.human_mp4_index(self.data_dir))} MP4 files (S<n>/Videos/)')
-    except (FileNotFoundError, ValueError):
-      lines.append('original videos: not found (S<n>/Videos/*.mp4 of every subject)')
-    return lines
-
-  # Preparation. ----------------------------------------------------------------------------------------------
-
-  def download(self) -> None:
-    raise RuntimeError('Human3.6M is a licensed download: get the Videos .tgz archive of every subject from '
-                       f'http://vision.imar.ro/human3.6m, extract them into {self.data_dir}, then run '
-                       f'`{base.command("prepare", "human", self.data_dir)}`')
-
-  def sources(self) -> dict:
-    return {'npz': 'official npz files (train/, test/)', 'raw': 'original MP4 videos (S<n>/Videos/)'}
-
-  def auto_source(self, **options):
-    return 'npz' if all(self.official_videos(s) is not None for s in self.splits) else 'raw'
-
-  def items(self, source, **options):
-    return self._npz_items() if source == 'npz' else self._raw_items()
-
-  def _npz_items(self) -> Iterator[tuple]:
-    for split in self.splits:
-      videos = self.official_videos(split)
-      if videos is None:
-        raise FileNotFoundError(f'Human3.6M official {split} files not found: expected '
-                                f'{self.data_dir}/{split}/S<subject>-<video>.npz')
-      for i in range(len(videos)):
-        yield split, videos.names[i], videos.meta[i], np.asarray(videos.video(i))
-
-  def _raw_items(self) -> Iterator[tuple]:
-    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-    for meta, video in raw.human_mp4_videos(self.data_dir, workers=2):
-      subject = int(meta['subject'])
-      split = 'train' if subject in TRAIN_SUBJECTS else 'test'
-      filename = meta['name'].split('-', 1)[1]
-      yield split, meta['name'], {'subject': subject, 'filename': filename}, video

@@ -1,4 +1,4 @@
-"""KTH actions: the dataset (training / validation clips, official test set), download and preparation.
+"""KTH actions: the dataset (training / validation clips, official test set); preparation: ``preparation.kth``.
 
 Inputs, any of:
 - the video store ``DIR/store/{train,test}`` written by ``python -m srvp_jax.data prepare kth --data_dir DIR``
@@ -7,7 +7,7 @@ Inputs, any of:
   official ``preprocessing/kth/convert.py`` writes: ffmpeg at 25 fps, 64x64, grey stored as RGB, first
   channel used), read directly (slower) or packed into the store by ``prepare``;
 - the original class archives ``<action>.zip`` / AVI files (``download kth``), which ``prepare`` decodes
-  with the official ffmpeg scaling (``srvp_jax.data.raw``).
+  with the official ffmpeg scaling (``srvp_jax.preparation.kth``).
 
 Subjects 1-20 are the training videos (official 95/5 train / validation folds), 21-25 the test videos.
 Videos are ordered by action (``CLASSES`` order) then name, as the official dataset lists them (sorted;
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -29,8 +28,6 @@ from srvp_jax.data import DataError, base, store
 CLASSES = ('boxing', 'handclapping', 'handwaving', 'jogging', 'running', 'walking')
 NX = base.NX
 TEST_LEN = 40
-# Official download script (edenton/svg data/download_kth.sh, called by srvp preprocessing/kth/download.sh).
-RAW_URL = 'http://www.nada.kth.se/cvap/actions/{action}.zip'
 
 
 def processed_dir(data_dir: str) -> str:
@@ -63,7 +60,7 @@ def index_videos(data_dir: str, *, train: bool = True) -> tuple[list[str], list[
   return (names, frames) if names else None
 
 
-def _meta(name: str) -> dict:
+def video_meta(name: str) -> dict:
   person, action, setting = name.split('_')[:3]
   return {'person': int(person[-2:]), 'action': action, 'setting': setting}
 
@@ -87,7 +84,7 @@ class KTH(base.ClipDataset):
     if found is None:
       return None
     names, frames = found
-    return base.PngVideos(frames, nc=1, names=names, meta=[_meta(n) for n in names])
+    return base.PngVideos(frames, nc=1, names=names, meta=[video_meta(n) for n in names])
 
   def missing(self, split):
     return (f'KTH {split} videos not found in {self.data_dir}: neither the video store ({store.STORE_DIR}/{split}) nor '
@@ -114,113 +111,3 @@ class KTH(base.ClipDataset):
       raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 '
                       f'(N, {seq_len}, 64, 64)')
     return sequences[..., None]
-
-  def make_test_set(self, size: int = 1000, seq_len: int = TEST_LEN, seed: int = 42) -> str:
-    """Writes ``svg_test_set_<seq_len>.npz`` with the official draws (official make_test_set.py).
-
-    With NumPy's legacy generator seeded ``seed``, each extract draws an action index randint(6), a subject
-    randint(21, 26), a scenario randint(1, 5), then a start randint(n_frames - seq_len + 1) in the video's
-    frames sorted by file name (plain string order, as the official script, so files stay identical). Reads
-    the official PNG frames when present, else the store's test split.
-    """
-    png = index_videos(self.data_dir, train=False)
-    if png is not None:
-      by_name = {n: (len(f), sorted(f, key=os.path.basename)) for n, f in zip(*png)}
-
-      def extract(name, t0):
-        return np.stack([base.read_frame(p, 1)[:, :, 0] for p in by_name[name][1][t0:t0 + seq_len]])
-    elif self.has_store('test'):
-      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-      videos = store.StoreVideos(self.data_dir, 'test')
-      by_name = {n: (int(length), i) for i, (n, length) in enumerate(zip(videos.names, videos.lengths))}
-
-      def extract(name, t0):
-        length, i = by_name[name]
-        return videos.video(i)[raw.kth_png_listing_order(length)[t0:t0 + seq_len], :, :, 0]
-    else:
-      raise FileNotFoundError(self.missing('test'))
-    rng = np.random.RandomState(seed)
-    sequences, persons, actions = [], [], []
-    for _ in range(size):
-      action = CLASSES[rng.randint(len(CLASSES))]
-      person = rng.randint(21, 26)
-      trial = rng.randint(1, 5)
-      name = f'person{person:02d}_{action}_d{trial}'
-      if name not in by_name:
-        raise FileNotFoundError(f'KTH test video {name} is missing in {self.data_dir}; prepare the complete dataset '
-                                f'(`{base.command("prepare", "kth", self.data_dir, " --force")}`)')
-      n_frames = by_name[name][0]
-      if n_frames < seq_len:
-        raise DataError(f'KTH test video {name} has {n_frames} frames, fewer than the {seq_len} of a test extract')
-      sequences.append(extract(name, rng.randint(n_frames - seq_len + 1)))
-      persons.append(person)
-      actions.append(action)
-    path = official_test_file(self.data_dir, seq_len)
-    np.savez_compressed(path, sequences=np.array(sequences), persons=persons, actions=actions)
-    return path
-
-  def inspect(self):
-    lines = super().inspect()
-    files = sorted(f for f in os.listdir(self.data_dir) if f.startswith('svg_test_set_') and f.endswith('.npz'))
-    for f in files:
-      try:
-        with np.load(os.path.join(self.data_dir, f), allow_pickle=True) as data:
-          shape = data['sequences'].shape
-        lines.append(f'test set {f}: {shape[0]} extracts of {shape[1]} frames')
-      except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        lines.append(f'test set {f}: BROKEN: {e}')
-    if f'svg_test_set_{TEST_LEN}.npz' not in files:
-      lines.append(f'test set svg_test_set_{TEST_LEN}.npz: missing; make it with '
-                   f'`{base.command("make_test_set", "kth", self.data_dir)}`')
-    try:
-      from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-      lines.append(f'original videos: {len(raw.kth_avi_index(self.data_dir))} AVI files / archive members')
-    except (FileNotFoundError, ValueError):
-      lines.append('original videos: not found (<action>.zip or raw/<action>/*.avi; '
-                   f'`{base.command("download", "kth", self.data_dir)}`)')
-    return lines
-
-  # Download and preparation. ---------------------------------------------------------------------------------
-
-  def download(self, classes: Sequence[str] = CLASSES) -> None:
-    """Downloads the original KTH videos into ``DIR/raw/<action>/*.avi`` (official URLs).
-
-    The official script also fetches SVG's own preprocessed archive, which SRVP never reads; it is skipped.
-    """
-    for action in classes:
-      target = os.path.join(self.data_dir, 'raw', action)
-      archive = os.path.join(self.data_dir, 'raw', f'{action}.zip')
-      base.download_file(RAW_URL.format(action=action), archive)
-      os.makedirs(target, exist_ok=True)
-      try:
-        with zipfile.ZipFile(archive) as z:
-          z.extractall(target)
-      except zipfile.BadZipFile:
-        raise DataError(f'{archive} is not a zip archive (interrupted download?); delete it and download again') \
-            from None
-      os.remove(archive)
-
-  def sources(self) -> dict:
-    return {'png': 'official PNG frames (processed_64/)', 'raw': 'original AVI files / class zip archives'}
-
-  def auto_source(self, **options):
-    return 'png' if index_videos(self.data_dir) is not None else 'raw'
-
-  def items(self, source, **options):
-    return self._png_items() if source == 'png' else self._raw_items()
-
-  def _png_items(self) -> Iterator[tuple]:
-    for split in self.splits:
-      found = index_videos(self.data_dir, train=split == 'train')
-      if found is None:
-        raise FileNotFoundError(f'KTH {split} PNG frames not found: expected {processed_dir(self.data_dir)}/'
-                                f'{self.official_layout.split("/", 1)[1]}')
-      read = lambda frames: np.stack([base.read_frame(p, 1) for p in frames])
-      for name, video in zip(found[0], base.ordered_map(read, found[1])):
-        yield split, name, _meta(name), video
-
-  def _raw_items(self) -> Iterator[tuple]:
-    from srvp_jax.data import raw  # pylint: disable=import-outside-toplevel
-    for meta, video in raw.kth_avi_videos(self.data_dir, workers=2):
-      split = 'train' if meta['person'] <= 20 else 'test'
-      yield split, meta['name'], {k: meta[k] for k in ('person', 'action', 'setting')}, video

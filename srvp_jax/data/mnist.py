@@ -27,7 +27,9 @@ import zlib
 from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
+from srvp_jax import import_order
 from srvp_jax.data import DataError
 
 SPLITS = ('train', 'test')
@@ -150,8 +152,7 @@ def load_tfds(split: str, tfds_data_dir: str | None = None, download: bool = Tru
   _check_split(split)
   hint = 'put the MNIST IDX files (train-images-idx3-ubyte.gz, ...) in data_dir instead'
   try:
-    from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-    tf_utils.import_tensorflow()
+    import_order.import_tensorflow()
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise MnistNotFoundError(f'TensorFlow Datasets is unavailable ({e}); {hint}') from None
@@ -186,11 +187,9 @@ def load_standin(split: str) -> Digits:
   """
   _check_split(split)
   try:
-    from sklearn import datasets  # pylint: disable=import-outside-toplevel
-    from PIL import Image  # pylint: disable=import-outside-toplevel
+    from sklearn import datasets  # pylint: disable=import-outside-toplevel  # Seconds to import; stand-in only.
   except ImportError as e:
-    raise MnistNotFoundError(f'the stand-in digits need scikit-learn and Pillow ({e}): '
-                             'pip install scikit-learn pillow') from None
+    raise MnistNotFoundError(f'the stand-in digits need scikit-learn ({e}): pip install scikit-learn') from None
   log.warning('Using %s: scikit-learn 8x8 digits upscaled to 28x28. This is NOT MNIST; '
               'results are not comparable with the paper.', STANDIN_NAME)
   bunch = datasets.load_digits()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Callable, Iterator
 
 import numpy as np
+from absl import flags
 
 _ENDLESS = 1 << 62  # Last step index of an endless stream.
 
@@ -28,12 +29,11 @@ def step_indexed(batch_of_step: Callable[[int], np.ndarray], *, start_step: int 
   With ``num_processes`` > 0, grain worker processes (each with ``num_threads`` threads) build the batches
   (``batch_of_step`` must then be picklable); the order, hence every batch, is the same.
   """
-  import grain  # pylint: disable=import-outside-toplevel
+  import grain  # pylint: disable=import-outside-toplevel  # Seconds to import; the training stream only.
   ds = grain.MapDataset.range(int(start_step), _ENDLESS).map(batch_of_step)
   options = grain.ReadOptions(num_threads=max(1, int(num_threads)), prefetch_buffer_size=max(1, int(prefetch)))
   ds = ds.to_iter_dataset(options)
   if num_processes > 0:
-    from absl import flags  # pylint: disable=import-outside-toplevel
     if not flags.FLAGS.is_parsed():  # grain reads its absl flags in the workers; launch.py has parsed them.
       flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_processes), per_worker_buffer_size=2))

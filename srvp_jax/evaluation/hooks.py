@@ -1,7 +1,7 @@
 """LPIPS (PyTorch) and FVD (I3D in JAX) as the evaluation uses them, with their start-up checks.
 
-With LPIPS, torch and torchvision are imported first thing, so TensorFlow (imported later by a data
-pipeline) cannot crash the process.
+The evaluation's entry point imports torch first when LPIPS is asked for (``srvp_jax.cli.start``), so
+TensorFlow (imported later by a data pipeline) cannot crash the process.
 
 Test hook: SRVP_LPIPS_ALLOW_RANDOM_BACKBONE=1 lets LPIPS run with a RANDOM AlexNet when no weights are
 found (loud warning; results.json marks LPIPS as not comparable). Never use it for reported numbers.
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
 
 import numpy as np
+
+from srvp_jax.metrics import fvd as fvd_lib
+from srvp_jax.metrics import lpips_bridge
 
 RANDOM_BACKBONE_ENV = 'SRVP_LPIPS_ALLOW_RANDOM_BACKBONE'
 RANDOM_BACKBONE_NOTE = 'random backbone - not comparable'
@@ -23,20 +25,8 @@ class HookError(Exception):
   """A metric that cannot run (missing / corrupt weights, import order): one line."""
 
 
-def check_import_order(metrics: Sequence[str]) -> None:
-  """With LPIPS, imports torch / torchvision now, so that TensorFlow can never come first in this process."""
-  if 'lpips' not in metrics:
-    return
-  if 'tensorflow' in sys.modules and 'torchvision' not in sys.modules:
-    raise HookError('LPIPS needs torchvision, which crashes once TensorFlow is imported: run the evaluation '
-                    'in a fresh process (or import torchvision before TensorFlow)')
-  from srvp_jax.data import tf_utils  # pylint: disable=import-outside-toplevel
-  tf_utils.import_torch_first()
-
-
 def resolve_lpips_backbone(path: str | None) -> str | None:
   """The AlexNet weights file, or None for the explicit random-backbone test hook (loud warning)."""
-  from srvp_jax.metrics import lpips_bridge  # pylint: disable=import-outside-toplevel
   try:
     return lpips_bridge.check_lpips_available(path)
   except FileNotFoundError:
@@ -56,7 +46,6 @@ class LpipsOnFrames:
   """LPIPS v0.1 AlexNet per frame through the torch bridge; a corrupt weights file is a HookError."""
 
   def __init__(self, backbone_path: str | None):
-    from srvp_jax.metrics import lpips_bridge  # pylint: disable=import-outside-toplevel
     try:
       self.model = lpips_bridge.LPIPS(backbone_path, allow_random_backbone=backbone_path is None)
     except ValueError as e:
@@ -68,7 +57,6 @@ class LpipsOnFrames:
 
 def check_fvd(nt_gen: int, weights: str | None) -> str:
   """The I3D weights file for FVD on videos of ``nt_gen`` frames (HookError when it cannot run)."""
-  from srvp_jax.metrics import fvd as fvd_lib  # pylint: disable=import-outside-toplevel
   if nt_gen < fvd_lib.I3D_MIN_FRAMES:
     raise HookError(f'FVD needs videos of at least {fvd_lib.I3D_MIN_FRAMES} frames, nt_gen={nt_gen}: '
                     'raise --nt_gen or drop fvd from --metrics')
@@ -80,6 +68,5 @@ def check_fvd(nt_gen: int, weights: str | None) -> str:
 
 def fvd(videos: np.ndarray, nt_cond: int, first_sample: np.ndarray, weights: str) -> float:
   """Official FVD: conditioning + ground truth against conditioning + the first random sample."""
-  from srvp_jax.metrics import fvd as fvd_lib  # pylint: disable=import-outside-toplevel
   fake = np.concatenate([videos[:, :nt_cond], first_sample], axis=1)
   return float(fvd_lib.compute_fvd(videos, fake, weights_path=weights))

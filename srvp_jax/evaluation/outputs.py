@@ -7,6 +7,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from srvp_jax import visualize
+
 
 def _save_samples(out_dir: str, name: str, samples: np.ndarray) -> None:
   np.savez_compressed(os.path.join(out_dir, f'{name}.npz'), samples=samples)
@@ -14,7 +16,6 @@ def _save_samples(out_dir: str, name: str, samples: np.ndarray) -> None:
 
 def write_outputs(out_dir: str, videos: np.ndarray, nt_cond: int, res: Mapping[str, Any], n_show: int) -> None:
   """results.npz, sample_metrics.npz, the official sample files, comparison.png/.gif and per_frame.png."""
-  from srvp_jax import visualize  # pylint: disable=import-outside-toplevel
   names = list(res['best_value'])
   np.savez_compressed(os.path.join(out_dir, 'results.npz'), **res['best_value'])
   extra = {}

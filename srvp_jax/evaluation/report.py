@@ -12,6 +12,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from srvp_jax.metrics.fvd import I3D_CHUNK
+
 # The paper's numbers (SRVP, ICML 2020, Table 1 protocol: best of 100 samples, mean over test videos +/- 95%
 # interval). Source: as reprinted by Akan et al. (SLAMP, ICCV 2021, numbers provided by the SRVP authors) and by
 # Papers with Code; BAIR FVD is 162 +/- 4 there (SLAMP prints 163 +/- 4). Datasets without an entry were not
@@ -47,7 +49,7 @@ def jsonable(value):
 
 def fvd_note(n_videos: int) -> str | None:
   """Why an FVD on fewer than 16 videos (one I3D chunk) is not comparable with the paper's (None from 16 on)."""
-  from srvp_jax.metrics.fvd import I3D_CHUNK as chunk  # pylint: disable=import-outside-toplevel
+  chunk = I3D_CHUNK
   if n_videos >= chunk:
     return None
   return (f'FVD on {n_videos} < {chunk} videos: the official code needs at least one chunk of '

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
-from srvp_jax.data import base, dataset_class
+from srvp_jax import cli
+from srvp_jax import config as config_lib
+from srvp_jax.data import base, store
+from srvp_jax.preparation import bair, human, kth, mmnist, store_writer
 
 COMMANDS = ('download', 'prepare', 'make_test_set', 'inspect', 'throughput')
-NAMES = ('mmnist', 'kth', 'human', 'bair')  # 'smmnist' is accepted as 'mmnist'.
+DATASETS = {'mmnist': mmnist.MovingMnist, 'kth': kth.KTH, 'human': human.Human, 'bair': bair.BAIR}
+NAMES = tuple(DATASETS)  # 'smmnist' is accepted as 'mmnist'.
 DIGIT_SOURCES = ('auto', 'idx', 'tfds', 'standin')
 # Synthetic stores of the real shapes for ``throughput --synthetic N``: frames per video (low, high).
 SYNTHETIC_LENGTHS = {'kth': (250, 750), 'human': (1500, 4500), 'bair': (30, 30)}
@@ -37,8 +40,7 @@ EXAMPLES = '''examples:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog='python -m srvp_jax.data', description=__doc__.split('\n\n')[0],
-                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.Parser(prog='python -m srvp_jax.data', description=__doc__.split('\n\n')[0], examples=EXAMPLES)
   p.add_argument('command', choices=COMMANDS)
   p.add_argument('dataset', choices=NAMES + ('smmnist',))
   p.add_argument('--data_dir', required=True, metavar='DIR', help='The dataset folder.')
@@ -80,7 +82,7 @@ def _usage_error(args) -> str | None:
   """Options that do not apply to the command or dataset (never ignored silently)."""
   name, cmd = args.dataset, args.command
   if args.source is not None:
-    allowed = DIGIT_SOURCES if name == 'mmnist' else ('auto', *dataset_class(name)(None, '.').sources())
+    allowed = DIGIT_SOURCES if name == 'mmnist' else ('auto', *DATASETS[name](None, '.').sources())
     if name != 'mmnist' and cmd != 'prepare':
       return f'--source applies to prepare (and to mmnist digits), not to {cmd} {name}'
     if args.source not in allowed:
@@ -102,8 +104,7 @@ def _usage_error(args) -> str | None:
 
 def _config(args, **overrides):
   """A config of the dataset (the CLI's steps need its data settings only)."""
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   cfg = config_lib.default_config()
   cfg.update(dict(dataset='smmnist' if args.dataset == 'mmnist' else args.dataset, data_dir=args.data_dir, nc=cls.nc,
                   nt_inf=1, deterministic=bool(args.deterministic), ndigits=int(args.ndigits),
@@ -115,7 +116,7 @@ def _config(args, **overrides):
 
 def run(args) -> list[str]:
   """Runs one command; returns the lines to print."""
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   if args.command == 'throughput':
     return throughput(args)
   dataset = cls(_config(args), args.data_dir)
@@ -142,8 +143,7 @@ def run(args) -> list[str]:
 
 def write_synthetic_store(data_dir: str, name: str, n_videos: int, seed: int = 0) -> None:
   """A store of ``n_videos`` random training videos (and a few test ones) of the dataset's real shapes."""
-  from srvp_jax.data import store  # pylint: disable=import-outside-toplevel
-  cls = dataset_class(name)
+  cls = DATASETS[name]
   low, high = SYNTHETIC_LENGTHS[name]
   rng = np.random.default_rng(seed)
 
@@ -153,18 +153,17 @@ def write_synthetic_store(data_dir: str, name: str, n_videos: int, seed: int = 0
         length = int(rng.integers(low, high + 1))
         yield split, f'synthetic_{i:06d}', {}, rng.integers(0, 256, (length, 64, 64, cls.nc), dtype=np.uint8)
 
-  store.write_splits(data_dir, name, cls.nc, ('train', 'test'), items())
+  store_writer.write_splits(data_dir, name, cls.nc, ('train', 'test'), items())
 
 
 def throughput(args) -> list[str]:
   """Measures the training stream (videos/s) against ``batch * steps_per_s``."""
-  cls = dataset_class(args.dataset)
+  cls = DATASETS[args.dataset]
   paper = cls.paper
   batch = int(args.batch or paper['batch_size'])
   seq_len = int(args.seq_len or paper['seq_len'])
   steps_per_s = float(args.steps_per_s or paper['steps_per_s'])
   if args.synthetic:
-    from srvp_jax.data import store  # pylint: disable=import-outside-toplevel
     if any(store.has_split(args.data_dir, s) for s in ('train', 'test')):
       raise ValueError(f'{args.data_dir} already holds a video store; give --synthetic an empty folder')
     os.makedirs(args.data_dir, exist_ok=True)
@@ -198,16 +197,19 @@ def throughput(args) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one command; returns the exit status (2: usage, 1: missing or broken data, 130: interrupted)."""
+  return cli.main(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  cli.start(args.verbose)
   try:
     lines = run(args)
   except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:  # Incl. DataError, raw's errors.
-    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    print(f'error: {message}', file=sys.stderr)
-    return 1
+    raise cli.Failure(cli.first_line(e, limit=None)) from None
   except KeyboardInterrupt:
-    print('error: interrupted', file=sys.stderr)
-    return 130
+    return cli.error('interrupted', 130)
   for line in lines:
     print(line)
   return 0

@@ -1,0 +1,130 @@
+"""The command-line layer every tool shares: argument parsing, one-line errors, log silencing, import order.
+
+The tools are ``launch.py``, ``convert_torch_ckpt.py`` and ``python -m srvp_jax.{data,evaluate,predict,
+benchmark,parity}``. All take GNU-style ``--name value`` (or ``--name=value``) options with underscores in
+their names, and their ``--help`` ends with examples. The argparse tools build a ``Parser`` and run their
+body through ``main``; ``launch.py`` parses with absl and ml_collections, as the flax examples do
+(``--config FILE`` plus ``--config.KEY=VALUE`` overrides, ``--workdir``, absl's ``--verbosity``), and
+reports its errors through ``error`` with the same exit statuses.
+
+Errors are one ``error: ...`` line on stderr, never a traceback: ``UsageError`` (bad arguments, or
+input found unusable before any work: missing folder, checkpoint, config) exits with status 2,
+``Failure`` (the work itself failed: out of memory, missing or broken data) with status 1.
+
+``start`` is the tools' first step after parsing: it silences the libraries' INFO / WARNING logs
+(absl, orbax, TensorFlow's C++ notes) unless ``--verbose``, and imports torch first when the tool will
+use it (``srvp_jax.import_order``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from absl import logging as absl_logging
+
+from srvp_jax import import_order
+
+USAGE = 2
+FAILURE = 1
+
+
+class UsageError(Exception):
+  """Bad arguments, or input found unusable before any work: one ``error: ...`` line, exit status 2."""
+  code = USAGE
+
+
+class Failure(Exception):
+  """The work itself failed: one ``error: ...`` line, exit status 1."""
+  code = FAILURE
+
+
+def first_line(e: BaseException, limit: int | None = 300) -> str:
+  """The first line of an exception's message (its type's name when empty), at most ``limit`` characters."""
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else type(e).__name__)[:limit]
+
+
+def error(message: str, code: int = USAGE) -> int:
+  """Prints ``error: message`` on stderr; returns ``code`` (the exit status)."""
+  print(f'error: {message}', file=sys.stderr, flush=True)
+  return code
+
+
+def number(cast: Callable[[str], float], minimum: float, requirement: str, strict: bool = False):
+  """An argparse type: ``cast(text)``, >= ``minimum`` (> when ``strict``), else one line saying ``requirement``."""
+  noun = 'an integer' if cast is int else 'a number'
+
+  def parse(text: str):
+    try:
+      value = cast(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'{text!r} is not {noun}') from None
+    if not (value > minimum if strict else value >= minimum):
+      raise argparse.ArgumentTypeError(f'{text} must be {requirement}')
+    return value
+
+  return parse
+
+
+class Parser(argparse.ArgumentParser):
+  """argparse with the examples after ``--help``, a ``--verbose`` option and one-line errors (UsageError).
+
+  Sub-command parsers (``add_subparsers().add_parser``) are Parsers too; their errors name their own
+  ``--help``. ``--verbose`` is on the parser made with ``verbose=True``: the top one by default, the
+  sub-command parsers instead when the top one is made with ``verbose=False`` (``add_parser(..., verbose=True)``).
+  """
+
+  def __init__(self, *args, examples: str | None = None, verbose: bool = True, **kwargs):
+    kwargs.setdefault('formatter_class', argparse.RawDescriptionHelpFormatter)
+    if examples is not None:
+      kwargs['epilog'] = examples
+    super().__init__(*args, **kwargs)
+    if verbose:
+      self.add_argument('--verbose', action='store_true',
+                        help='Show the libraries\' INFO and WARNING logs (absl, orbax, TensorFlow).')
+
+  def add_subparsers(self, **kwargs):
+    kwargs.setdefault('parser_class', functools.partial(Parser, verbose=False))
+    return super().add_subparsers(**kwargs)
+
+  def error(self, message):
+    raise UsageError(f'{message} (see {self.prog} --help)')
+
+
+def main(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
+  """Runs a tool's ``body(argv)``; a UsageError or Failure becomes its one line and exit status."""
+  try:
+    return body(argv)
+  except (UsageError, Failure) as e:
+    return error(str(e), e.code)
+
+
+def start(verbose: bool = False, torch_first: bool = False) -> None:
+  """A tool's start-up: library logs off unless ``verbose``; torch imported now when the tool will use it."""
+  if not verbose:
+    quiet_libraries()
+  if torch_first:
+    try:
+      import_order.import_torch_first()
+    except import_order.ImportOrderError as e:
+      raise UsageError(str(e)) from None
+
+
+def _ours(record: logging.LogRecord) -> bool:
+  """Records of our code (and launch.py) and libraries' errors pass; libraries' INFO and WARNING do not."""
+  ours = os.sep + 'srvp_jax' + os.sep in record.pathname or record.pathname.endswith('launch.py')
+  return ours or record.levelno >= logging.ERROR
+
+
+def quiet_libraries() -> None:
+  """Our warnings stay; libraries' INFO and WARNING records (absl, orbax, jax) and TensorFlow's C++ notes go."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Read when TensorFlow is imported (always later, lazily).
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  handler = absl_logging.get_absl_handler()
+  if _ours not in handler.filters:
+    handler.addFilter(_ours)
