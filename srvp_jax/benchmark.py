@@ -296,25 +296,24 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   warnings seen (``warnings``, empty when none).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
+  from srvp_jax import sharding  # pylint: disable=import-outside-toplevel
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  from srvp_jax.train import step as train_step  # pylint: disable=import-outside-toplevel
 
   batch, nt, nc = int(cfg.batch_size), int(cfg.seq_len), int(cfg.nc)
-  mesh = train.make_mesh(cfg)
-  train.check_batch_divisible(batch, mesh)
+  mesh = sharding.make_mesh(cfg)
+  sharding.check_batch_divisible(batch, mesh)
   n_dev = int(mesh.devices.size)
   model = build_model(cfg, jax.random.key(seed))
-  tx = train.make_optimizer(cfg)
-  graphdef, state = train.init_state(model, tx)
+  tx = train_step.make_optimizer(cfg)
+  graphdef, state = train_step.init_state(model, tx)
   del model
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(state, replicated)
-  key = jax.device_put(jax.random.key(seed + 1), replicated)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  key = jax.device_put(jax.random.key(seed + 1), sharding.replicated(mesh))
   videos = np.random.default_rng(seed).uniform(size=(batch, nt, 64, 64, nc)).astype(np.float32)
-  x = train.global_batch(videos, mesh)
-  jitted = train.jit_train_step(train.make_train_step(graphdef, cfg, tx), mesh)
+  x = sharding.shard_local_batch(videos, mesh)
+  jitted = train_step.jit_train_step(train_step.make_train_step(graphdef, cfg, tx), mesh)
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
@@ -824,12 +823,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       torch.set_num_threads(args.threads)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
+  from srvp_jax import sharding  # pylint: disable=import-outside-toplevel
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   try:
-    mesh = train.make_mesh(next(iter(configs.values())))
+    mesh = sharding.make_mesh(next(iter(configs.values())))
     for cfg in configs.values():
-      train.check_batch_divisible(int(cfg.batch_size), mesh)
+      sharding.check_batch_divisible(int(cfg.batch_size), mesh)
   except config_lib.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

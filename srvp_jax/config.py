@@ -50,6 +50,7 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     num_data_processes=0,  # Worker processes building batches (0: threads only; Moving MNIST scales with them).
     digits_source='auto',  # Moving MNIST digits: 'auto', 'idx', 'tfds' or 'standin' (offline stand-in).
     val_sample_chunk=25,  # Validation samples decoded together (memory vs speed).
+    val_resample=False,  # True: other validation videos and fresh noise at each validation (official); False: the same.
     mesh_data_axis=-1,  # Devices on the 'data' mesh axis (-1: all devices).
     # Test protocol (``python -m srvp_jax.evaluate`` defaults; 0 / '': the paper's for the dataset, PAPER_TEST).
     test_nt_cond=0,  # Conditioning frames at test time (0: nt_cond).
@@ -155,6 +156,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
   for key in ('test_nt_cond', 'test_nt_gen', 'test_n_samples'):
     if int(cfg.get(key, 0)) < 0:
       raise ConfigError(f'{key}={cfg[key]} must be >= 0 (0: the paper\'s value for the dataset)')
+  if not isinstance(cfg.get('val_resample', False), bool):
+    raise ConfigError(f"val_resample={cfg['val_resample']!r}: expected True or False")
   if cfg.get('test_checkpoint', '') not in ('', 'latest', 'best'):
     raise ConfigError(f"test_checkpoint={cfg['test_checkpoint']!r}: expected 'latest' or 'best'")
 

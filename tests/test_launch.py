@@ -221,11 +221,11 @@ def batches(start):  # Batch k is a function of k; each process feeds its own sl
 
 val = np.random.default_rng(9).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)  # The same on every process.
 try:
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda step: iter([val]), progress=False)
 except train.Interrupted as e:
   print('exit code', e.exit_code, flush=True)
   kill_at = -1  # Resume (a new train_and_evaluate: restored from the checkpoint on disk) to the end.
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda step: iter([val]), progress=False)
 '''
 DIST = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
             lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=2, chkpt_interval=2, log_interval=1,
