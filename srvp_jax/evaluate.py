@@ -138,7 +138,8 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     raise StartupError(str(e)) from None
   if not os.path.isdir(args.ckpt_dir):
     raise StartupError(f'checkpoint folder {args.ckpt_dir} not found')
-  official = checkpoints.is_official_folder(args.ckpt_dir)
+  folder = checkpoints.RunFolder(args.ckpt_dir)
+  official = folder.is_official()
   if not official and args.model_name is not None:
     raise StartupError(f'--model_name applies to official experiment folders (config.json + model.pt); '
                        f'{args.ckpt_dir} is one of ours: use --checkpoint best|latest|STEP')
@@ -146,11 +147,11 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     raise StartupError(f'{args.ckpt_dir} is an official experiment folder: choose its weights with --model_name '
                        '(model.pt or model_best.pt), not --checkpoint')
   try:
-    cfg = checkpoints.load_config(args.ckpt_dir)
+    cfg = folder.load_config()
     protocol = config.test_protocol(cfg)
     which = 'official' if official else str(args.checkpoint or protocol['checkpoint'])
     if not official:
-      checkpoints.resolve_step(args.ckpt_dir, which)
+      folder.resolve(which)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
     raise StartupError(str(e)) from None
   nt_cond = int(args.nt_cond or protocol['nt_cond'])

@@ -42,17 +42,16 @@ IMAGE_FILES = ('comparison.png', 'comparison.gif', 'per_frame.png')
 def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
   """A folder with the layout training writes (random models): configs and one orbax manager whose
   ``best_steps`` carry a validation PSNR (the best-checkpoint policy ranks them) and ``steps`` do not."""
-  checkpoints.save_config(workdir, cfg)
+  folder = checkpoints.RunFolder(workdir, keep=None)
+  folder.save_config(cfg)
   model = nnx.eval_shape(lambda: build_model(cfg))
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
-  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, max_to_keep=None)
+  folder.create()
   trees = {}
   for step in sorted(set(steps) | set(best_steps)):
     trees[step] = random_tree(model, seed + step)
     metrics = {'val_psnr': 30.0 + step} if step in best_steps else None
-    checkpoints.save(mngr, step, trees[step], meta={'step': step}, metrics=metrics)
-  mngr.wait_until_finished()
-  mngr.close()
+    folder.save(step, trees[step], meta={'step': step}, metrics=metrics)
+  folder.close()
   return trees
 
 
@@ -100,7 +99,7 @@ def _samples(out_dir, name):
 
 def test_startup_errors_are_one_line(tiny_ckpt, mmnist_dir, tmp_path, capsys):
   only_config = str(tmp_path / 'only_config')
-  checkpoints.save_config(only_config, tiny_config())
+  checkpoints.RunFolder(only_config).save_config(tiny_config())
   base = ['--metrics', 'psnr', '--out', str(tmp_path / 'out')]  # The cases' own options come after (and win).
   cases = [
       (tiny_ckpt, ['--data_dir', str(tmp_path / 'missing')], 'data directory'),

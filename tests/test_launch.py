@@ -86,13 +86,13 @@ def test_relaunch_contradicting_the_checkpoints_is_refused_untouched(tmp_path):
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   cfg = _quickstart_config()
-  checkpoints.save_config(workdir, cfg)
+  folder = checkpoints.RunFolder(workdir)
+  folder.save_config(cfg)
   model = nnx.eval_shape(lambda: build_model(cfg))
   zeros = __import__('jax').tree.map(lambda v: np.zeros(v.shape, v.dtype), checkpoints.model_tree(model))
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR))
-  mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 10, zeros, {'step': 10})
-  mngr.wait_until_finished()
+  folder.create()
+  folder.save(10, zeros, {'step': 10})
+  folder.close()
   before = snapshot(workdir)
   res = run_launch(workdir, '--config.nf=8')
   assert_one_line(res, 'holds checkpoints of another model', 'nf: 16 -> 8')
@@ -124,7 +124,7 @@ def test_quick_start_run_is_quiet_and_keeps_latest_periodic_best(tmp_path):
   best = max(psnr, key=psnr.get)
   # Saved at 2, 4, 6, 8: kept the newest (8), the multiples of keep_period (6) and the best.
   assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints')) == sorted({6, 8, best})
-  assert checkpoints.resolve_step(str(workdir), 'best')[1] == best
+  assert checkpoints.RunFolder(str(workdir)).resolve('best')[1] == best
   assert checkpoints.load_model(str(workdir), 'latest')[2] == 8
   assert os.path.isfile(workdir / 'samples' / 'val_00000004.gif')
 

@@ -252,33 +252,34 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 def _save_steps(workdir, steps, psnr, keep=2, keep_period=0):
   """Saves tiny checkpoints at ``steps`` with validation PSNR ``psnr[step]`` (None: not validated)."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
-  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, keep, keep_period=keep_period)
+  folder = checkpoints.RunFolder(workdir, keep, keep_period=keep_period)
+  folder.create()
   for step in steps:
     value = psnr.get(step)
-    checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step},
-                     metrics=None if value is None else {checkpoints.METRIC: value})
-  mngr.wait_until_finished()
-  return mngr
+    folder.save(step, {'w': np.full((2,), step, np.float32)}, {'step': step},
+                metrics=None if value is None else {checkpoints.METRIC: value})
+  folder.wait_until_finished()
+  return folder
 
 
 def test_one_manager_keeps_latest_periodic_and_best(tmp_path):
   """keep_checkpoints newest, every multiple of keep_period, and the best finite validation PSNR."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
   psnr = {3: 20.0, 6: 25.0, 9: float('nan'), 12: 22.0}  # Step 9's validation is non-finite: never the best.
-  mngr = _save_steps(str(tmp_path), range(1, 14), psnr, keep=2, keep_period=4)
-  assert sorted(mngr.all_steps()) == [4, 6, 8, 12, 13]  # 12, 13 newest; 4, 8, 12 periodic; 6 best.
-  assert mngr.best_step() == 6
-  assert checkpoints.resolve_step(str(tmp_path), 'best') == (checkpoints.LATEST_DIR, 6)
-  assert checkpoints.resolve_step(str(tmp_path), 'latest') == (checkpoints.LATEST_DIR, 13)
-  assert checkpoints.resolve_step(str(tmp_path), '8') == (checkpoints.LATEST_DIR, 8)
+  folder = _save_steps(str(tmp_path), range(1, 14), psnr, keep=2, keep_period=4)
+  assert folder.steps() == [4, 6, 8, 12, 13]  # 12, 13 newest; 4, 8, 12 periodic; 6 best.
+  assert folder.best_step() == 6 and folder.best_metric() == 25.0
+  reader = checkpoints.RunFolder(str(tmp_path))
+  assert reader.resolve('best') == (checkpoints.CHECKPOINT_DIR, 6)
+  assert reader.resolve('latest') == (checkpoints.CHECKPOINT_DIR, 13)
+  assert reader.resolve('8') == (checkpoints.CHECKPOINT_DIR, 8)
   with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'available: \[4, 6, 8, 12, 13\]'):
-    checkpoints.resolve_step(str(tmp_path), '9')
+    reader.resolve('9')
   # Only non-finite validations: no best, and 'best' says which checkpoints exist.
   nan_only = str(tmp_path / 'nan')
   _save_steps(nan_only, (2, 4), {2: float('nan')})
   with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'no validated checkpoint.*\[2, 4\].*latest'):
-    checkpoints.resolve_step(nan_only, 'best')
+    checkpoints.RunFolder(nan_only).resolve('best')
 
 
 def _tiny_run(workdir, cfg, **kw):
@@ -326,15 +327,15 @@ def test_truncated_or_corrupt_checkpoints(tmp_path, capsys):
   # Non-finite values in an otherwise readable checkpoint.
   nan_dir = str(tmp_path / 'nan')
   cfg = config_lib.with_overrides(**TINY)
-  checkpoints.save_config(nan_dir, cfg)
+  nan_folder = checkpoints.RunFolder(nan_dir)
+  nan_folder.save_config(cfg)
   model = build_model(cfg, jax.random.key(0))
   tree = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.asarray(x).dtype)
                       if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
                       checkpoints.model_tree(model))
-  os.makedirs(os.path.join(nan_dir, checkpoints.LATEST_DIR))
-  mngr = checkpoints.manager(nan_dir)
-  checkpoints.save(mngr, 1, tree, {'step': 1})
-  mngr.wait_until_finished()
+  nan_folder.create()
+  nan_folder.save(1, tree, {'step': 1})
+  nan_folder.wait_until_finished()
   with pytest.raises(checkpoints.CorruptCheckpointError, match='corrupt: non-finite values'):
     checkpoints.load_model(nan_dir, 'latest')
 
@@ -386,13 +387,15 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
   old = str(tmp_path / 'old')
   cfg = config_lib.with_overrides(**TINY)
-  checkpoints.save_config(old, cfg)
+  checkpoints.RunFolder(old).save_config(cfg)
   trees = {}
-  for sub, step, seed in ((checkpoints.LATEST_DIR, 4, 1), (checkpoints.BEST_DIR, 2, 2)):
+  for sub, step, seed in ((checkpoints.CHECKPOINT_DIR, 4, 1), (checkpoints.LEGACY_BEST_DIR, 2, 2)):
     trees[step] = checkpoints.model_tree(build_model(cfg, jax.random.key(seed)))
-    mngr = checkpoints.manager(old, sub)
-    checkpoints.save(mngr, step, trees[step], {'step': step}, opt_state=None)
-    mngr.wait_until_finished()
+    writer = checkpoints.RunFolder(str(tmp_path / sub))  # Written as a run, then moved into place.
+    writer.create()
+    writer.save(step, trees[step], {'step': step}, opt_state=None)
+    writer.close()
+    os.rename(writer.directory, os.path.join(old, sub))
   for which, step in (('best', 2), ('latest', 4), ('4', 4)):
     model, _, got = checkpoints.load_model(old, which)
     assert got == step
@@ -412,10 +415,10 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
 
 
 def test_non_finite_validation_is_reported_and_never_best(tmp_path, capsys):
-  mngr = _save_steps(str(tmp_path), [2], {2: float('nan')})
+  folder = _save_steps(str(tmp_path), [2], {2: float('nan')})
   console = runtime.Console(10, 2, show_bar=False, is_main=True)
   writer = runtime.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
-  train_loop._report_validation(console, writer, mngr, 2, float('nan'))  # pylint: disable=protected-access
+  train_loop._report_validation(console, writer, folder, 2, float('nan'))  # pylint: disable=protected-access
   err = capsys.readouterr().err
   assert err.strip() == 'step 2: validation PSNR is non-finite (nan); this checkpoint never counts as best'
-  assert mngr.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()
+  assert folder.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()

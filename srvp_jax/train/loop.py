@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import signal
 import sys
 from typing import Any, Callable, Iterator, Mapping
@@ -24,9 +23,9 @@ import jax
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from srvp_jax import checkpoints, sharding
-from srvp_jax import config as config_lib
 from srvp_jax.model import build_model
 from srvp_jax.train import step as step_lib
 from srvp_jax.train import validation
@@ -68,67 +67,15 @@ class PeriodicActions:
 
 # --------------------------------------------------------------------------------------------------
 # The loop.
-def _check_finite(state: step_lib.TrainState, mngr) -> None:
+def _check_finite(state: step_lib.TrainState, folder: checkpoints.RunFolder) -> None:
   """Raises NonFiniteError (with the step) once a step has met a non-finite loss or gradient."""
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
-    last = mngr.latest_step()
-    kept = (f'the last good checkpoint (step {last}) in {mngr.directory} is kept' if last is not None
+    last = folder.latest_step()
+    kept = (f'the last good checkpoint (step {last}) in {folder.directory} is kept' if last is not None
             else 'no checkpoint had been written yet')
     raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, {kept} (lower lr, check '
                          'the data)')
-
-
-def _load_init_from(path: str, template: dict) -> dict:
-  """The model variables of a checkpoint folder (ours or converted) to fine-tune from."""
-  try:
-    src, _, step = checkpoints.load_model(path, 'best')
-  except checkpoints.CheckpointNotFoundError:
-    src, _, step = checkpoints.load_model(path, 'latest')
-  tree = checkpoints.model_tree(src)
-  want = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(template)[0]}
-  have = {jax.tree_util.keystr(p): np.shape(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  if want != have:
-    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))[:3]
-    raise config_lib.ConfigError(f'init_from={path} holds another model than the config describes (e.g. {diff})')
-  logging.info('initialised from %s (step %d)', path, step)
-  return tree
-
-
-@dataclasses.dataclass
-class _Start:
-  """What the start-up checks found: the step to resume from, its restored arrays, the skipped steps."""
-  step: int = 0
-  model: Any = None
-  opt: Any = None
-  skipped: list = dataclasses.field(default_factory=list)
-  init_tree: Any = None
-
-
-def _startup(cfg, workdir: str, mngr, abstract_model: dict, abstract_opt: Any) -> _Start:
-  """Every check that can refuse the run, before anything is written in ``workdir``."""
-  if checkpoints.is_legacy_layout(workdir):
-    raise config_lib.ConfigError(checkpoints.legacy_hint(workdir))
-  steps = sorted(mngr.all_steps(), reverse=True)
-  if steps:
-    conflicts = checkpoints.config_conflicts(workdir, cfg)
-    if conflicts:
-      raise config_lib.ConfigError(f"{workdir} holds checkpoints of another model ({'; '.join(conflicts)}); "
-                                   'drop these overrides to resume, or use another --workdir')
-  start = _Start()
-  for step in steps:
-    try:
-      start.model, _, start.opt = checkpoints.restore(mngr, step, abstract_model, abstract_opt)
-      start.step = int(step)
-      return start
-    except checkpoints.CorruptCheckpointError as e:
-      start.skipped.append((int(step), str(e)))
-  if start.skipped:
-    raise checkpoints.CorruptCheckpointError(f'no intact checkpoint in {mngr.directory}: '
-                                             f'{start.skipped[0][1]}; move the folder aside to start afresh')
-  if cfg.init_from:
-    start.init_tree = _load_init_from(cfg.init_from, abstract_model)
-  return start
 
 
 def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iterator[np.ndarray]] | None = None,
@@ -164,8 +111,12 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
   graphdef, abstract_params, abstract_stats = nnx.split(abstract_model, nnx.Param, ...)
   abstract_tree = checkpoints.abstract(checkpoints.model_tree(abstract_model), replicated)
   abstract_opt = checkpoints.abstract(jax.eval_shape(tx.init, abstract_params), replicated)
-  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, int(cfg.keep_checkpoints), int(cfg.keep_period))
-  start = _startup(cfg, workdir, mngr, abstract_tree, abstract_opt)
+  folder = checkpoints.RunFolder.for_run(workdir, cfg)
+  start = folder.resume(cfg, abstract_tree, abstract_opt)
+  init_tree = None
+  if start.model is None and cfg.init_from:
+    init_tree, init_step = checkpoints.RunFolder(cfg.init_from).init_variables(abstract_tree)
+    logging.info('initialised from %s (step %d)', cfg.init_from, init_step)
   if train_batches is None or val_batches is None:
     from srvp_jax import data  # pylint: disable=import-outside-toplevel
     dataset = data.get_dataset(cfg)
@@ -188,8 +139,8 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
                        bad_step=counters[1])
   else:
     model = build_model(cfg, jax.random.key(int(cfg.seed)))
-    if start.init_tree is not None:
-      checkpoints.set_model_tree(model, start.init_tree)
+    if init_tree is not None:
+      checkpoints.set_model_tree(model, init_tree, f'init_from={cfg.init_from}')
     graphdef, state = step_lib.init_state(model, tx)
     state = sharding.replicate(state, mesh)
   del abstract_params, abstract_stats
@@ -202,19 +153,18 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
 
   # The run starts: from here on the workdir is written.
   if is_main:
-    os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
+    folder.create()
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     multihost_utils.sync_global_devices('srvp_workdir')
   writer = make_writer(workdir)
   _, periodic_actions = clu_modules()
   console = Console(n_steps, start.step, progress, is_main)
   stop.say = console.line
   for step, why in start.skipped:
-    where = checkpoints.quarantine(mngr, step)
+    where = folder.quarantine(step)
     console.line(f'skipped step {step}: {why}; moved to {where}')
   if is_main:
-    checkpoints.save_config(workdir, cfg)
+    folder.save_config(cfg)
   n_dev = mesh.devices.size
   console.line(f"{'resuming at' if start.step else 'training from'} step {start.step} of {n_steps} on {n_dev} "
                f'{jax.devices()[0].platform} device(s) ({jax.process_count()} process(es)); workdir {workdir}')
@@ -235,9 +185,9 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
 
   def save(step: int, metrics: Mapping[str, float] | None = None) -> None:
     nonlocal saved_step
-    _check_finite(state, mngr)
+    _check_finite(state, folder)
     tree = checkpoints.model_tree(nnx.merge(graphdef, state.params, state.batch_stats))
-    checkpoints.save(mngr, step, tree, {'step': step, **(metrics or {})}, state.opt_state, metrics)
+    folder.save(step, tree, {'step': step, **(metrics or {})}, state.opt_state, metrics)
     saved_step = step
 
   metrics, last, step = {}, None, start.step
@@ -252,7 +202,7 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
         hook(step)
       postfix, step_psnr = {}, None
       if actions.log_due(step):
-        _check_finite(state, mngr)
+        _check_finite(state, folder)
         metrics = {k: float(v) for k, v in jax.device_get(last).items()}
         writer.write_scalars(step, metrics)
         postfix = dict(loss=f"{metrics['loss']:.1f}", nll=f"{metrics['nll']:.1f}",
@@ -262,7 +212,7 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
           console.line(f'validation of step {step} not run (interrupted); the checkpoint of step {step} has no '
                        'validation PSNR and cannot be the best')
         else:
-          _check_finite(state, mngr)
+          _check_finite(state, folder)
           with report.timed('validation'):
             media = functools.partial(validation.write_validation_media, graphdef, state, cfg=cfg, workdir=workdir,
                                       step=step) if is_main else None
@@ -273,7 +223,7 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
         finite = step_psnr is not None and math.isfinite(step_psnr)
         save(step, {checkpoints.METRIC: step_psnr} if finite else None)
         if step_psnr is not None:
-          _report_validation(console, writer, mngr, step, step_psnr)
+          _report_validation(console, writer, folder, step, step_psnr)
       console.update(1, **postfix)
       if stop.requested():
         break
@@ -282,17 +232,16 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
   finally:
     console.close()
     if stop.signum is None:
-      mngr.wait_until_finished()
+      folder.wait_until_finished()
       writer.flush()
   if stop.signum is not None:
     try:
-      _stop_and_save(stop.signum, state, save, saved_step, mngr, console)
+      _stop_and_save(stop.signum, state, save, saved_step, folder, console)
     finally:
-      mngr.wait_until_finished()
+      folder.wait_until_finished()
       writer.flush()
-  best = mngr.best_step()
-  best_psnr = (mngr.metrics(best) or {}).get(checkpoints.METRIC) if best is not None else None
-  console.line(f'done: step {n_steps}; checkpoints {sorted(mngr.all_steps())} in {mngr.directory}'
+  best, best_psnr = folder.best_step(), folder.best_metric()
+  console.line(f'done: step {n_steps}; checkpoints {folder.steps()} in {folder.directory}'
                + (f'; best validation PSNR {best_psnr:.2f} (step {best})' if best_psnr is not None else ''))
   return dict(metrics, val_psnr=val_psnr if val_psnr is not None else math.nan,
               best_val_psnr=best_psnr if best_psnr is not None else math.nan)
@@ -302,21 +251,22 @@ def _describe_psnr(value: float) -> str:
   return f'{value:.2f}' if math.isfinite(value) else 'non-finite'
 
 
-def _report_validation(console: Console, writer, mngr, step: int, val_psnr: float) -> None:
+def _report_validation(console: Console, writer, folder: checkpoints.RunFolder, step: int, val_psnr: float) -> None:
   """Logs one validation: its PSNR, or that it is non-finite (never a best)."""
   if not math.isfinite(val_psnr):
     console.line(f'step {step}: validation PSNR is non-finite ({val_psnr}); this checkpoint never counts as best')
     return
   writer.write_scalars(step, {checkpoints.METRIC: val_psnr})
-  best = ' (best so far)' if mngr.best_step() == step else ''
+  best = ' (best so far)' if folder.best_step() == step else ''
   console.line(f'step {step}: validation PSNR {val_psnr:.2f}{best}')
 
 
-def _stop_and_save(signum: int, state: step_lib.TrainState, save, saved_step: int | None, mngr, console) -> None:
+def _stop_and_save(signum: int, state: step_lib.TrainState, save, saved_step: int | None,
+                   folder: checkpoints.RunFolder, console) -> None:
   """After SIGINT/SIGTERM: saves the last finished step (valid, never a donated buffer) and raises Interrupted."""
   name = signal.Signals(signum).name
   if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
-    message = f'{name}: stopped; the state was lost mid-step, nothing saved (checkpoints: {mngr.all_steps()})'
+    message = f'{name}: stopped; the state was lost mid-step, nothing saved (checkpoints: {folder.steps()})'
   else:
     step = int(jax.device_get(state.step))
     if step == 0:
@@ -324,7 +274,7 @@ def _stop_and_save(signum: int, state: step_lib.TrainState, save, saved_step: in
     else:
       if saved_step != step:
         save(step)
-      mngr.wait_until_finished()
-      message = f'{name}: saved step {step} in {mngr.directory}; rerun the same command to resume'
+      folder.wait_until_finished()
+      message = f'{name}: saved step {step} in {folder.directory}; rerun the same command to resume'
   console.line(message)
   raise Interrupted(message, signum)
