@@ -31,9 +31,9 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from srvp_jax.config import FRAME_SIZE as NX
 from srvp_jax.data import DataError
 
-NX = 64
 STORE_DIR = 'store'
 INDEX = 'index.json'
 SHARD_BYTES = 1 << 30  # A new shard starts once a shard holds this many bytes.
