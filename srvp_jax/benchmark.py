@@ -26,7 +26,7 @@ What is measured, for each paper config (``configs/<name>.py``) and compute dtyp
   protocol: n samples per video, PSNR / SSIM, best / worst selection) on random uint8 test videos of the
   dataset's test length (``config.PAPER_TEST``), after a warm-up call that compiles its programs;
   predicted frames/s and the total time. A second row adds LPIPS with a randomly initialised AlexNet
-  backbone (``evaluation.hooks.LpipsOnFrames(None)``), which costs the same time as the real weights.
+  backbone (``evaluation.learned_metrics.LpipsOnFrames(None)``), which costs the same time as the real weights.
 * **Layers** (``time_layers``, ``--layers``): the encoder (all B*T frames), the decoder (all B*T frames,
   with skips when the config has them), the dynamics (Euler rollout of T-1 frames with the prior p_z, as
   ``SRVP.integrate`` with no posterior) and the inference LSTM (T frames), each forward and
@@ -67,7 +67,7 @@ import numpy as np
 
 from srvp_jax import config as config_lib
 from srvp_jax import evaluation
-from srvp_jax.evaluation import hooks, report, sampling
+from srvp_jax.evaluation import learned_metrics, report, sampling
 
 if TYPE_CHECKING:
   import torch
@@ -421,7 +421,7 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   metrics = ('psnr', 'ssim', 'lpips') if with_lpips else ('psnr', 'ssim')
   if model is None:
     model = build_model(cfg, jax.random.key(seed))
-  lpips_fn = hooks.LpipsOnFrames(None) if with_lpips else None
+  lpips_fn = learned_metrics.LpipsOnFrames(None) if with_lpips else None
   videos = np.random.default_rng(seed).integers(0, 256, size=(n_videos, nt_gen, 64, 64, int(cfg.nc)), dtype=np.uint8)
   run = functools.partial(evaluation.evaluate_videos, model, nt_cond=nt_cond, n_euler_steps=n_euler,
                           batch_size=batch, seed=0, metrics=metrics, lpips_fn=lpips_fn, progress=False)

@@ -33,7 +33,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from srvp_jax.evaluation.hooks import RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE  # pylint: disable=unused-import
+from srvp_jax.evaluation.learned_metrics import (  # pylint: disable=unused-import
+    RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE)
 
 ALL_METRICS = ('psnr', 'ssim', 'lpips', 'fvd')
 EXAMPLE = '''examples:
@@ -131,10 +132,10 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
   """Every check that can fail before work; returns the resolved settings, the model and the test videos."""
   # pylint: disable=import-outside-toplevel
   from srvp_jax import checkpoints, config, convert
-  from srvp_jax.evaluation import hooks, report
+  from srvp_jax.evaluation import learned_metrics, report
   try:
-    hooks.check_import_order(args.metrics)
-  except hooks.HookError as e:
+    learned_metrics.check_import_order(args.metrics)
+  except learned_metrics.LearnedMetricError as e:
     raise StartupError(str(e)) from None
   if not os.path.isdir(args.ckpt_dir):
     raise StartupError(f'checkpoint folder {args.ckpt_dir} not found')
@@ -174,11 +175,11 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
   lpips_fn, i3d_path = None, None
   try:
     if 'fvd' in args.metrics:
-      i3d_path = hooks.check_fvd(nt_gen, args.i3d_weights)
+      i3d_path = learned_metrics.check_fvd(nt_gen, args.i3d_weights)
     if 'lpips' in args.metrics:
-      lpips_path = hooks.resolve_lpips_backbone(args.lpips_backbone)
-      lpips_fn = hooks.LpipsOnFrames(lpips_path)
-  except hooks.HookError as e:
+      lpips_path = learned_metrics.resolve_lpips_backbone(args.lpips_backbone)
+      lpips_fn = learned_metrics.LpipsOnFrames(lpips_path)
+  except learned_metrics.LearnedMetricError as e:
     raise StartupError(str(e)) from None
   try:
     videos = load_test_videos(cfg, args.data_dir, nt_gen)
@@ -221,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   import jax  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.evaluation import hooks, outputs, report, runner  # pylint: disable=import-outside-toplevel
+  from srvp_jax.evaluation import learned_metrics, outputs, report, runner  # pylint: disable=import-outside-toplevel
   cfg, nt_cond, nt_gen, videos = setup['cfg'], setup['nt_cond'], setup['nt_gen'], setup['videos']
   n_samples = setup['n_samples']
   n_euler = int(args.n_euler_steps or cfg.n_euler_steps)
@@ -245,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   fvd = None
   if 'fvd' in args.metrics:
     print('Computing FVD...', file=sys.stderr)
-    fvd = hooks.fvd(videos[:, :nt_gen], nt_cond, res['random'][0], setup['i3d_path'])
+    fvd = learned_metrics.fvd(videos[:, :nt_gen], nt_cond, res['random'][0], setup['i3d_path'])
   summary = {m: report.summarize(res['best_value'][m]) for m in res['best_value']}
   comparison = None
   if setup['reference'] is not None:

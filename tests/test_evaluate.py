@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from srvp_jax import checkpoints, evaluate, evaluation
-from srvp_jax.evaluation import hooks, report
+from srvp_jax.evaluation import learned_metrics, report
 from srvp_jax import config as config_lib
 from srvp_jax.data import cli as data_cli, mmnist
 from srvp_jax.metrics import image
@@ -447,9 +447,9 @@ def test_lpips_without_backbone_fails_at_startup(tiny_ckpt, mmnist_dir, tmp_path
   cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth'
   cached.parent.mkdir(parents=True)
   cached.write_bytes(b'')
-  assert hooks.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
+  assert learned_metrics.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
   monkeypatch.delenv(evaluate.RANDOM_BACKBONE_ENV)
-  assert hooks.resolve_lpips_backbone(None) == str(cached)
+  assert learned_metrics.resolve_lpips_backbone(None) == str(cached)
   assert not os.path.exists(tmp_path / 'out')
 
 
