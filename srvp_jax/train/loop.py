@@ -136,7 +136,7 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
     _, params, stats = nnx.split(model, nnx.Param, ...)
     counters = sharding.replicate((np.int32(start.step), np.int32(-1)), mesh)
     state = step_lib.TrainState(step=counters[0], params=params, batch_stats=stats, opt_state=start.opt,
-                       bad_step=counters[1])
+                                bad_step=counters[1])
   else:
     model = build_model(cfg, jax.random.key(int(cfg.seed)))
     if init_tree is not None:
