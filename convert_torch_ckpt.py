@@ -58,28 +58,27 @@ def blank_model(cfg):
 
 def to_ours(checkpoint: str, config_path: str, out: str) -> str:
   """Official ``checkpoint`` + ``config_path`` -> our folder ``out`` (model saved as step 0)."""
-  if any(os.path.isdir(os.path.join(out, sub)) for sub in (checkpoints.LATEST_DIR, checkpoints.BEST_DIR)):
+  folder = checkpoints.RunFolder(out)
+  if folder.has_checkpoints():
     raise cli.UsageError(f'{out} already holds checkpoints; give a new --out folder')
   cfg = config_lib.load_official_json(config_path)
   model = convert.load_state_dict(blank_model(cfg), convert.load_torch_file(checkpoint), cfg)
-  checkpoints.save_config(out, cfg)
-  mngr = checkpoints.manager(out)
-  checkpoints.save(mngr, 0, checkpoints.model_tree(model), meta={'step': 0, 'source': os.path.abspath(checkpoint)})
-  mngr.wait_until_finished()
-  mngr.close()
+  folder.save_config(cfg)
+  folder.save(0, checkpoints.model_tree(model), meta={'step': 0, 'source': os.path.abspath(checkpoint)})
+  folder.close()
   return f'converted {checkpoint} -> {out} (step 0): {_describe(model, cfg)}'
 
 
 def to_torch(workdir: str, which: str, out: str) -> str:
   """Our folder ``workdir`` (checkpoint ``which``) -> official ``out/model.pt`` + ``out/config.json``."""
-  if os.path.isdir(workdir) and checkpoints.is_official_folder(workdir):
+  if os.path.isdir(workdir) and checkpoints.RunFolder(workdir).is_official():
     raise checkpoints.CheckpointNotFoundError(f'{workdir} is already an official experiment folder (config.json + '
                                               '.pt): nothing to export; drop --to_torch to convert it to ours')
   model, cfg, step = checkpoints.load_model(workdir, which)
   os.makedirs(out, exist_ok=True)
   model_path = os.path.join(out, OFFICIAL_MODEL)
   convert.save_torch_file(convert.state_dict_from_model(model), model_path)
-  checkpoints.save_official_config(out, cfg)
+  checkpoints.RunFolder(out).save_official_config(cfg)
   return f'exported {workdir} ({which}, step {step}) -> {model_path} + config.json: {_describe(model, cfg)}'
 
 

@@ -11,7 +11,4 @@ from srvp_jax import config as config_lib
 def get_config():
   return config_lib.preset(
       dataset='bair', nc=3, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=2, nt_cond=2,
-      obs_scale=0.71, beta_z=1.0, res_gain=1.41, batch_size=192, seq_len=12, lr_scheduling_burnin=1_000_000,
-      lr_scheduling_n_iter=500_000, val_interval=20_000,
-      # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
-      test_nt_gen=30, test_n_samples=100, test_checkpoint='latest')
+      obs_scale=0.71, batch_size=192, seq_len=12, lr_scheduling_n_iter=500_000)

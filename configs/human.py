@@ -11,7 +11,5 @@ from srvp_jax import config as config_lib
 def get_config():
   return config_lib.preset(
       dataset='human', nc=3, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=3, nt_cond=8,
-      obs_scale=0.2, beta_z=1.0, res_gain=1.2, batch_size=100, seq_len=16, seq_len_test=53, batch_size_test=8,
-      lr_scheduling_burnin=325_000, lr_scheduling_n_iter=25_000, val_interval=20_000, subsampling=8,
-      # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
-      test_nt_gen=53, test_n_samples=100, test_checkpoint='best')
+      obs_scale=0.2, res_gain=1.2, batch_size=100, seq_len=16, seq_len_test=53, batch_size_test=8,
+      lr_scheduling_burnin=325_000, lr_scheduling_n_iter=25_000)

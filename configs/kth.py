@@ -10,8 +10,6 @@ from srvp_jax import config as config_lib
 
 def get_config():
   return config_lib.preset(
-      dataset='kth', nc=1, ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=3, nt_cond=10,
-      obs_scale=0.2, beta_z=1.0, res_gain=1.2, batch_size=100, seq_len=20, seq_len_test=30,
-      lr_scheduling_burnin=150_000, lr_scheduling_n_iter=50_000, val_interval=5_000,
-      # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
-      test_nt_gen=40, test_n_samples=100, test_checkpoint='best')
+      dataset='kth', ny=50, nz=50, archi='vgg', skipco=True, n_euler_steps=2, nt_inf=3, nt_cond=10, obs_scale=0.2,
+      res_gain=1.2, batch_size=100, seq_len=20, seq_len_test=30, lr_scheduling_burnin=150_000,
+      lr_scheduling_n_iter=50_000, val_interval=5_000)

@@ -8,9 +8,4 @@ from srvp_jax import config as config_lib
 
 
 def get_config():
-  return config_lib.preset(
-      dataset='mmnist', deterministic=True, nc=1, ny=20, nz=20, archi='dcgan', skipco=False, n_euler_steps=1,
-      nt_inf=5, nt_cond=5, obs_scale=1.0, beta_z=2.0, res_gain=1.41, batch_size=128, seq_len=15,
-      lr_scheduling_burnin=800_000, lr_scheduling_n_iter=100_000, val_interval=20_000,
-      # Test protocol (python -m srvp_jax.evaluate defaults): the paper's.
-      test_nt_gen=100, test_n_samples=1, test_checkpoint='latest')
+  return config_lib.preset(dataset='mmnist', deterministic=True, beta_z=2.0, lr_scheduling_burnin=800_000)

@@ -12,7 +12,7 @@ from srvp_jax import config as config_lib
 
 def get_config():
   return config_lib.preset(
-      dataset='smmnist', digits_source='standin', nc=1, archi='dcgan', skipco=True, nf=16, nhx=64, ny=10, nz=10,
-      nh_inf=64, nh_res=64, nlayers_res=3, n_euler_steps=1, nt_inf=3, nt_cond=4, seq_len=10, obs_scale=1.0,
-      beta_z=2.0, batch_size=8, lr=1e-3, lr_scheduling_burnin=400, lr_scheduling_n_iter=100, val_interval=125,
-      n_iter_test=1, batch_size_test=16, n_samples_test=8, val_sample_chunk=8, log_interval=20, num_data_workers=2)
+      digits_source='standin', skipco=True, nf=16, nhx=64, ny=10, nz=10, nh_inf=64, nh_res=64, nlayers_res=3,
+      nt_inf=3, nt_cond=4, seq_len=10, beta_z=2.0, batch_size=8, lr=1e-3, lr_scheduling_burnin=400,
+      lr_scheduling_n_iter=100, val_interval=125, n_iter_test=1, n_samples_test=8, val_sample_chunk=8,
+      log_interval=20, num_data_workers=2)

@@ -26,7 +26,7 @@ What is measured, for each paper config (``configs/<name>.py``) and compute dtyp
   protocol: n samples per video, PSNR / SSIM, best / worst selection) on random uint8 test videos of the
   dataset's test length (``config.PAPER_TEST``), after a warm-up call that compiles its programs;
   predicted frames/s and the total time. A second row adds LPIPS with a randomly initialised AlexNet
-  backbone (``evaluation.hooks.LpipsOnFrames(None)``), which costs the same time as the real weights.
+  backbone (``evaluation.learned_metrics.LpipsOnFrames(None)``), which costs the same time as the real weights.
 * **Layers** (``time_layers``, ``--layers``): the encoder (all B*T frames), the decoder (all B*T frames,
   with skips when the config has them), the dynamics (Euler rollout of T-1 frames with the prior p_z, as
   ``SRVP.integrate`` with no posterior) and the inference LSTM (T frames), each forward and
@@ -68,8 +68,8 @@ import numpy as np
 
 from srvp_jax import cli
 from srvp_jax import config as config_lib
-from srvp_jax import evaluation, gpu_check, train
-from srvp_jax.evaluation import hooks, report, sampling
+from srvp_jax import evaluation, gpu_check, sharding, train
+from srvp_jax.evaluation import learned_metrics, report, sampling
 from srvp_jax.model import build_model
 
 if TYPE_CHECKING:
@@ -298,25 +298,24 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   warnings seen (``warnings``, empty when none).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
+  from srvp_jax import sharding  # pylint: disable=import-outside-toplevel
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  from srvp_jax.train import step as train_step  # pylint: disable=import-outside-toplevel
 
   batch, nt, nc = int(cfg.batch_size), int(cfg.seq_len), int(cfg.nc)
-  mesh = train.make_mesh(cfg)
-  train.check_batch_divisible(batch, mesh)
+  mesh = sharding.make_mesh(cfg)
+  sharding.check_batch_divisible(batch, mesh)
   n_dev = int(mesh.devices.size)
   model = build_model(cfg, jax.random.key(seed))
-  tx = train.make_optimizer(cfg)
-  graphdef, state = train.init_state(model, tx)
+  tx = train_step.make_optimizer(cfg)
+  graphdef, state = train_step.init_state(model, tx)
   del model
-  replicated = NamedSharding(mesh, PartitionSpec())
-  state = jax.device_put(state, replicated)
-  key = jax.device_put(jax.random.key(seed + 1), replicated)
+  state = jax.device_put(state, sharding.replicated(mesh))
+  key = jax.device_put(jax.random.key(seed + 1), sharding.replicated(mesh))
   videos = np.random.default_rng(seed).uniform(size=(batch, nt, 64, 64, nc)).astype(np.float32)
-  x = train.global_batch(videos, mesh)
-  jitted = train.jit_train_step(train.make_train_step(graphdef, cfg, tx), mesh)
+  x = sharding.shard_local_batch(videos, mesh)
+  jitted = train_step.jit_train_step(train_step.make_train_step(graphdef, cfg, tx), mesh)
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
@@ -425,7 +424,7 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   metrics = ('psnr', 'ssim', 'lpips') if with_lpips else ('psnr', 'ssim')
   if model is None:
     model = build_model(cfg, jax.random.key(seed))
-  lpips_fn = hooks.LpipsOnFrames(None) if with_lpips else None
+  lpips_fn = learned_metrics.LpipsOnFrames(None) if with_lpips else None
   videos = np.random.default_rng(seed).integers(0, 256, size=(n_videos, nt_gen, 64, 64, int(cfg.nc)), dtype=np.uint8)
   run = functools.partial(evaluation.evaluate_videos, model, nt_cond=nt_cond, n_euler_steps=n_euler,
                           batch_size=batch, seed=0, metrics=metrics, lpips_fn=lpips_fn, progress=False)
@@ -1033,9 +1032,9 @@ def _main(argv: Sequence[str] | None) -> int:
     import torch  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(args.threads)
   try:
-    mesh = train.make_mesh(next(iter(configs.values())))
+    mesh = sharding.make_mesh(next(iter(configs.values())))
     for cfg in configs.values():
-      train.check_batch_divisible(int(cfg.batch_size), mesh)
+      sharding.check_batch_divisible(int(cfg.batch_size), mesh)
   except config_lib.ConfigError as e:
     raise cli.UsageError(str(e)) from None
   on_cpu = jax.default_backend() == 'cpu'
@@ -1104,7 +1103,7 @@ def _main(argv: Sequence[str] | None) -> int:
             _progress(f"  {row['frames_per_s']:.1f} frames/s, {row['total_s']:.1f} s")
           if args.torch and dtype == 'float32' and not err:
             _progress(f"test.py (PyTorch) {name} {','.join(metrics)}: {n_eval} videos")
-            lpips_model = hooks.LpipsOnFrames(None).model.model if with_lpips else None
+            lpips_model = learned_metrics.LpipsOnFrames(None).model.model if with_lpips else None
             t_row, t_err = _attempt(functools.partial(time_test_py, cfg, n_videos=n_eval, n_samples=args.eval_samples,
                                                       lpips_model=lpips_model, threads=args.threads), what)
             if t_err:

@@ -1,4 +1,4 @@
-"""Checkpoint folders: what training writes and what evaluation, fine-tuning and export read.
+"""A run's folder as one object (``RunFolder``): what training writes and what evaluation, fine-tuning and export read.
 
 Layout of a run (or converted) folder::
 
@@ -7,6 +7,11 @@ Layout of a run (or converted) folder::
     DIR/checkpoints/<step>/  one orbax CheckpointManager: 'model' (all model variables), 'opt' (the
                              optimizer state; training only), 'meta' (step, validation PSNR) and,
                              for validated steps, orbax 'metrics' ({'val_psnr': ...})
+
+``RunFolder`` owns all of it: resuming (the newest intact step, corrupt steps moved aside), saving
+a step with its metrics, the best step, restoring the model part alone, and the readers of official
+experiment folders (``config.json`` + ``model.pt``, converted in memory) and of the earlier layout.
+Every tree read back is checked against the config's model by one function (``check_tree``).
 
 One manager keeps, by its preservation policy, the ``keep_checkpoints`` newest steps, every
 ``keep_period``-th step (when set) and the step with the best finite validation PSNR. ``best``
@@ -18,6 +23,7 @@ are restored into an abstract tree that carries the target shardings. Folders of
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,14 +34,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from srvp_jax import config as config_lib
+from srvp_jax import convert
+from srvp_jax.model import build_model
 
 CONFIG_FILE = 'srvp_config.json'
 OFFICIAL_CONFIG_FILE = 'config.json'
-LATEST_DIR = 'checkpoints'  # The run's one checkpoint directory.
-BEST_DIR = 'best'  # Earlier layout only: best/<step> beside checkpoints/<step>.
+CHECKPOINT_DIR = 'checkpoints'  # The run's one checkpoint directory (latest, best and kept steps alike).
+LEGACY_BEST_DIR = 'best'  # Earlier layout only: best/<step> beside checkpoints/<step>.
+OFFICIAL_MODEL = 'model.pt'  # The official final weights (an official experiment folder).
 METRIC = 'val_psnr'
 # Config keys a checkpoint's arrays depend on: a relaunch must not change them.
 STATE_KEYS = config_lib.MODEL_KEYS + ('param_dtype',)
@@ -49,78 +59,15 @@ class CorruptCheckpointError(config_lib.ConfigError):
   """A checkpoint whose files cannot be read back (truncated, flipped bytes, non-finite values)."""
 
 
-def save_config(workdir: str, cfg: Mapping[str, Any]) -> None:
-  """Writes our config and its official ``config.json`` form into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), 'w', encoding='utf-8') as f:
-    json.dump(dict(cfg), f, indent=1, sort_keys=True)
-  save_official_config(workdir, cfg)
 
 
-def save_official_config(folder: str, cfg: Mapping[str, Any]) -> None:
-  """Writes ``folder/config.json``, the official flat form of ``cfg`` (what the official code reads)."""
-  with open(os.path.join(folder, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
-    json.dump(config_lib.to_official(cfg), f, indent=1)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """Our config of a checkpoint folder (falls back to an official ``config.json``)."""
-  ours = os.path.join(workdir, CONFIG_FILE)
-  if os.path.isfile(ours):
-    try:
-      with open(ours, encoding='utf-8') as f:
-        data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise config_lib.ConfigError(f'{ours} is not a JSON config ({e})') from None
-    try:
-      return config_lib.with_overrides(**data)
-    except config_lib.ConfigError as e:
-      raise config_lib.ConfigError(f'{ours}: {e}') from None
-  official = os.path.join(workdir, OFFICIAL_CONFIG_FILE)
-  if os.path.isfile(official):
-    return config_lib.load_official_json(official)
-  raise CheckpointNotFoundError(f'{workdir} has neither {CONFIG_FILE} nor {OFFICIAL_CONFIG_FILE}: '
-                                'not a checkpoint folder (train with launch.py or run convert_torch_ckpt.py)')
-
-
-def config_conflicts(workdir: str, cfg: Mapping[str, Any]) -> list[str]:
-  """``key: saved -> new`` for every key of STATE_KEYS on which ``cfg`` contradicts ``workdir``'s config."""
-  if not os.path.isfile(os.path.join(workdir, CONFIG_FILE)) and not os.path.isfile(
-      os.path.join(workdir, OFFICIAL_CONFIG_FILE)):
-    return []
-  saved = load_config(workdir)
-  return [f'{k}: {saved[k]!r} -> {cfg[k]!r}' for k in STATE_KEYS if saved[k] != cfg[k]]
-
-
-def is_legacy_layout(workdir: str) -> bool:
-  """Whether ``workdir`` was written with the earlier layout (``best/<step>`` beside ``checkpoints/``)."""
-  return os.path.isdir(os.path.join(workdir, BEST_DIR))
-
-
-def _best_metric(metrics: Mapping[str, Any]) -> float:
-  value = metrics.get(METRIC) if metrics else None
-  return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
-
-
-def manager(workdir: str, which: str = LATEST_DIR, max_to_keep: int | None = 3,
-            keep_period: int | None = None) -> ocp.CheckpointManager:
-  """The orbax manager of ``workdir/which``: the run's one checkpoint directory.
-
-  Its preservation policy keeps the ``max_to_keep`` newest steps, every multiple of
-  ``keep_period`` when set, and the step with the best finite validation PSNR (the ``metrics``
-  given to ``save``; steps saved without metrics never count as best). The directory is not
-  created here: a run creates it once it is known to start.
-  """
-  keep = [policies.LatestN(n=max_to_keep),
-          policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False)]
-  if keep_period:
-    keep.append(policies.EveryNSteps(interval_steps=int(keep_period)))
-  options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(keep),
-                                         best_fn=_best_metric, best_mode='max', create=False)
-  handlers = {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
-              'meta': ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, which)), options=options,
-                               item_handlers=handlers)
+@dataclasses.dataclass
+class Resume:
+  """Where a run starts: its step, the restored model / optimizer trees (None: a fresh run), the skipped steps."""
+  step: int = 0
+  model: Any = None
+  opt: Any = None
+  skipped: list = dataclasses.field(default_factory=list)  # (step, why) of unreadable steps, newest first.
 
 
 def model_tree(model: nnx.Module) -> dict:
@@ -128,19 +75,33 @@ def model_tree(model: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(model))
 
 
-def save(mngr: ocp.CheckpointManager, step: int, model_state: Any, meta: Mapping[str, Any],
-         opt_state: Any = None, metrics: Mapping[str, float] | None = None) -> None:
-  """Saves one step (``model_state`` a pure dict, ``opt_state`` optional) without a host copy.
+def set_model_tree(model: nnx.Module, tree: Mapping, where: str = 'checkpoint') -> None:
+  """Loads a pure dict of variables into ``model``, checking names and shapes (``check_tree``)."""
+  state = nnx.state(model)
+  check_tree(nnx.to_pure_dict(state), tree, where)
+  nnx.replace_by_pure_dict(state, tree)
+  nnx.update(model, state)
 
-  ``metrics`` (e.g. ``{'val_psnr': 21.3}``) rank the step for the best-checkpoint policy; a
-  non-finite value is not recorded, so it never counts as best.
+
+def check_tree(want: Any, have: Any, where: str) -> None:
+  """ConfigError unless ``have`` holds the variables of ``want`` (same names, same shapes): the one check.
+
+  ``want`` is the config's model (arrays or abstract leaves); ``have`` what a checkpoint holds (arrays,
+  or orbax metadata whose leaves have a ``shape``). Names compare as '/'-joined keys (orbax stores them
+  as strings).
   """
-  items = {'model': ocp.args.StandardSave(model_state), 'meta': ocp.args.JsonSave(dict(meta))}
-  if opt_state is not None and jax.tree.leaves(opt_state):  # A stateless optimizer has nothing to save.
-    items['opt'] = ocp.args.StandardSave(opt_state)
-  if metrics is not None and not all(math.isfinite(float(v)) for v in metrics.values()):
-    metrics = None
-  mngr.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+  def shapes(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, 'shape'))[0]
+    return {'/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path): tuple(np.shape(v))
+            for path, v in leaves}
+  want, have = shapes(want), shapes(have)
+  if set(want) != set(have):
+    diff = sorted(set(want) ^ set(have))[:5]
+    raise config_lib.ConfigError(f'{where} does not match the config\'s model: variables {diff} differ')
+  for k, shape in want.items():
+    if have[k] != shape:
+      raise config_lib.ConfigError(f'{where} does not match the config\'s model: {k} has shape {have[k]}, the '
+                                   f'config implies {shape}')
 
 
 def abstract(tree, sharding=None):
@@ -150,8 +111,9 @@ def abstract(tree, sharding=None):
   return jax.tree.map(leaf, tree)
 
 
-def step_path(mngr: ocp.CheckpointManager, step: int) -> str:
-  return os.path.join(str(mngr.directory), str(step))
+def _best_metric(metrics: Mapping[str, Any]) -> float:
+  value = metrics.get(METRIC) if metrics else None
+  return float(value) if value is not None and math.isfinite(float(value)) else -math.inf
 
 
 def _first_line(e: BaseException) -> str:
@@ -160,207 +122,329 @@ def _first_line(e: BaseException) -> str:
   return text[:300]
 
 
-def _check_structure(mngr: ocp.CheckpointManager, step: int, model_template: Any, with_opt: bool) -> None:
-  """ConfigError when the checkpoint's stored tree contradicts the template (config mismatch)."""
-  try:
-    metadata = mngr.item_metadata(step)
-    stored = metadata['model']
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated (its metadata '
-                                 f'cannot be read: {_first_line(e)})') from None
-  if with_opt and stored is not None and metadata.get('opt') is None and not os.path.isdir(
-      os.path.join(step_path(mngr, step), 'opt')):
-    workdir = os.path.dirname(str(mngr.directory))
-    raise config_lib.ConfigError(f'checkpoint {step_path(mngr, step)} holds a model without optimizer state (a '
-                                 f'converted checkpoint?): to train from it use --config.init_from={workdir} '
-                                 'with a new --workdir')
-  if stored is None:
-    raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated (no model item)')
-  stored = getattr(stored, 'tree', stored)
-  want = dict(jax.tree_util.tree_flatten_with_path(model_template)[0])
-  have = dict(jax.tree_util.tree_flatten_with_path(stored, is_leaf=lambda x: hasattr(x, 'shape'))[0])
-  key = lambda p: '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in p)  # Stored keys are strings.
-  want, have = {key(p): v for p, v in want.items()}, {key(p): v for p, v in have.items()}
-  if set(want) != set(have):
-    diff = sorted(set(want) ^ set(have))[:5]
-    raise config_lib.ConfigError(f'checkpoint {step_path(mngr, step)} does not match its config: variables {diff} '
-                                 'differ')
-  for k, v in want.items():
-    if tuple(np.shape(v)) != tuple(have[k].shape):
-      raise config_lib.ConfigError(f'checkpoint {step_path(mngr, step)} does not match its config: {k} has shape '
-                                   f'{tuple(have[k].shape)}, the config implies {tuple(np.shape(v))}')
+class RunFolder:
+  """A run's (or a converted model's) folder: its config files and its one checkpoint directory.
 
-
-def restore(mngr: ocp.CheckpointManager, step: int, model_template: Any, opt_template: Any = None):
-  """(model pure dict, meta, opt_state or None) of ``step``, checked.
-
-  Templates are abstract trees (``abstract``), whose shardings say where the arrays go; without
-  ``opt_template`` only the model part is read. A tree that contradicts the template raises
-  ``ConfigError`` ("does not match its config"); unreadable files or non-finite values raise
-  ``CorruptCheckpointError``.
+  ``keep`` / ``keep_period`` are the preservation policy of the steps this object saves (a run's
+  ``keep_checkpoints`` / ``keep_period``; ``for_run``). Readers need neither.
   """
-  stateless = opt_template is not None and not jax.tree.leaves(opt_template)
-  _check_structure(mngr, step, model_template, with_opt=opt_template is not None and not stateless)
-  items = {'model': ocp.args.StandardRestore(abstract(model_template)), 'meta': ocp.args.JsonRestore()}
-  if opt_template is not None and not stateless:
-    items['opt'] = ocp.args.StandardRestore(abstract(opt_template))
-  try:
-    out = mngr.restore(step, args=ocp.args.Composite(**items))
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt or truncated '
-                                 f'({_first_line(e)})') from None
-  opt = opt_template if stateless else out['opt'] if opt_template is not None else None
-  bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path((out['model'], opt))[0]
-         if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all())]
-  if bad:
-    raise CorruptCheckpointError(f'checkpoint {step_path(mngr, step)} is corrupt: non-finite values in {bad[:3]}')
-  return out['model'], out['meta'], opt
+
+  def __init__(self, path: str, keep: int | None = 3, keep_period: int | None = None):
+    self.path = path
+    self.directory = os.path.abspath(os.path.join(path, CHECKPOINT_DIR))
+    self._policy = (keep, keep_period or None)
+    self._managers: dict[str, ocp.CheckpointManager] = {}
+
+  @classmethod
+  def for_run(cls, workdir: str, cfg: Mapping[str, Any]) -> 'RunFolder':
+    return cls(workdir, int(cfg['keep_checkpoints']), int(cfg['keep_period']))
+
+  # Layout. -----------------------------------------------------------------------------------------------------------
+  def is_official(self) -> bool:
+    """Whether this is an official experiment folder (``config.json`` + ``*.pt``, none of ours)."""
+    return (os.path.isfile(os.path.join(self.path, OFFICIAL_CONFIG_FILE))
+            and not os.path.isfile(os.path.join(self.path, CONFIG_FILE))
+            and not os.path.isdir(self.directory)
+            and any(n.endswith('.pt') for n in os.listdir(self.path)))
+
+  def is_legacy(self) -> bool:
+    """Whether it was written with the earlier layout (``best/<step>`` beside ``checkpoints/``)."""
+    return os.path.isdir(os.path.join(self.path, LEGACY_BEST_DIR))
+
+  def legacy_hint(self) -> str:
+    """The one line that tells how to train on from a folder of the earlier layout."""
+    return (f'{self.path} was written with the earlier checkpoint layout (best/ beside checkpoints/), which '
+            'evaluation and export still read but training no longer writes: continue in a new workdir '
+            f'with --config.init_from={self.path} (or evaluate it as it is)')
+
+  def has_checkpoints(self) -> bool:
+    """Whether a checkpoint directory (this layout's or the earlier one's) exists."""
+    return os.path.isdir(self.directory) or self.is_legacy()
+
+  # Config. -----------------------------------------------------------------------------------------------------------
+  def save_config(self, cfg: Mapping[str, Any]) -> None:
+    """Writes our config and its official ``config.json`` form."""
+    os.makedirs(self.path, exist_ok=True)
+    with open(os.path.join(self.path, CONFIG_FILE), 'w', encoding='utf-8') as f:
+      json.dump(dict(cfg), f, indent=1, sort_keys=True)
+    self.save_official_config(cfg)
+
+  def save_official_config(self, cfg: Mapping[str, Any]) -> None:
+    """Writes ``config.json``, the official flat form of ``cfg`` (what the official code reads)."""
+    with open(os.path.join(self.path, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
+      json.dump(config_lib.to_official(cfg), f, indent=1)
+
+  def load_config(self) -> ml_collections.ConfigDict:
+    """Our config of the folder (falls back to an official ``config.json``)."""
+    ours = os.path.join(self.path, CONFIG_FILE)
+    if os.path.isfile(ours):
+      try:
+        with open(ours, encoding='utf-8') as f:
+          data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise config_lib.ConfigError(f'{ours} is not a JSON config ({e})') from None
+      try:
+        return config_lib.with_overrides(**data)
+      except config_lib.ConfigError as e:
+        raise config_lib.ConfigError(f'{ours}: {e}') from None
+    official = os.path.join(self.path, OFFICIAL_CONFIG_FILE)
+    if os.path.isfile(official):
+      return config_lib.load_official_json(official)
+    raise CheckpointNotFoundError(f'{self.path} has neither {CONFIG_FILE} nor {OFFICIAL_CONFIG_FILE}: '
+                                  'not a checkpoint folder (train with launch.py or run convert_torch_ckpt.py)')
+
+  def config_conflicts(self, cfg: Mapping[str, Any]) -> list[str]:
+    """``key: saved -> new`` for every key of STATE_KEYS on which ``cfg`` contradicts the saved config."""
+    if not any(os.path.isfile(os.path.join(self.path, f)) for f in (CONFIG_FILE, OFFICIAL_CONFIG_FILE)):
+      return []
+    saved = self.load_config()
+    return [f'{k}: {saved[k]!r} -> {cfg[k]!r}' for k in STATE_KEYS if saved[k] != cfg[k]]
+
+  # Steps. ------------------------------------------------------------------------------------------------------------
+  def manager(self, sub: str = CHECKPOINT_DIR) -> ocp.CheckpointManager:
+    """The orbax manager of ``sub`` (the checkpoint directory; ``best`` in the earlier layout).
+
+    Its preservation policy keeps the ``keep`` newest steps, every multiple of ``keep_period`` when
+    set, and the step with the best finite validation PSNR (the ``metrics`` given to ``save``; steps
+    saved without metrics never count as best). The directory is not created here (``create``).
+    """
+    if sub not in self._managers:
+      keep, keep_period = self._policy
+      policy = [policies.LatestN(n=keep),
+                policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False)]
+      if keep_period:
+        policy.append(policies.EveryNSteps(interval_steps=int(keep_period)))
+      options = ocp.CheckpointManagerOptions(preservation_policy=policies.AnyPreservationPolicy(policy),
+                                             best_fn=_best_metric, best_mode='max', create=False)
+      handlers = {'model': ocp.StandardCheckpointHandler(), 'opt': ocp.StandardCheckpointHandler(),
+                  'meta': ocp.JsonCheckpointHandler()}
+      self._managers[sub] = ocp.CheckpointManager(os.path.abspath(os.path.join(self.path, sub)), options=options,
+                                                  item_handlers=handlers)
+    return self._managers[sub]
+
+  def create(self) -> None:
+    """Creates the checkpoint directory (once a run is known to start)."""
+    os.makedirs(self.directory, exist_ok=True)
+
+  def steps(self, sub: str = CHECKPOINT_DIR) -> list[int]:
+    """The saved steps of ``sub``, ascending (none when it does not exist)."""
+    return sorted(self.manager(sub).all_steps()) if os.path.isdir(os.path.join(self.path, sub)) else []
+
+  def latest_step(self) -> int | None:
+    return self.manager().latest_step()
+
+  def best_step(self) -> int | None:
+    """The step with the best finite validation PSNR (None: no step was validated)."""
+    return self.manager().best_step()
+
+  def best_metric(self) -> float | None:
+    """The validation PSNR of the best step (None: no step was validated)."""
+    best = self.best_step()
+    return (self.manager().metrics(best) or {}).get(METRIC) if best is not None else None
+
+  def step_path(self, step: int, sub: str = CHECKPOINT_DIR) -> str:
+    return os.path.join(os.path.abspath(os.path.join(self.path, sub)), str(step))
+
+  def save(self, step: int, model_state: Any, meta: Mapping[str, Any], opt_state: Any = None,
+           metrics: Mapping[str, float] | None = None) -> None:
+    """Saves one step (``model_state`` a pure dict, ``opt_state`` optional) without a host copy.
+
+    ``metrics`` (e.g. ``{'val_psnr': 21.3}``) rank the step for the best-checkpoint policy; a
+    non-finite value is not recorded, so it never counts as best.
+    """
+    items = {'model': ocp.args.StandardSave(model_state), 'meta': ocp.args.JsonSave(dict(meta))}
+    if opt_state is not None and jax.tree.leaves(opt_state):  # A stateless optimizer has nothing to save.
+      items['opt'] = ocp.args.StandardSave(opt_state)
+    if metrics is not None and not all(math.isfinite(float(v)) for v in metrics.values()):
+      metrics = None
+    self.manager().save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+
+  def wait_until_finished(self) -> None:
+    self.manager().wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for the saves in flight and releases the managers."""
+    for mngr in self._managers.values():
+      mngr.wait_until_finished()
+      mngr.close()
+    self._managers.clear()
+
+  def restore(self, step: int, model_template: Any, opt_template: Any = None, sub: str = CHECKPOINT_DIR):
+    """(model pure dict, meta, opt_state or None) of ``step``, checked.
+
+    Templates are abstract trees (``abstract``), whose shardings say where the arrays go; without
+    ``opt_template`` only the model part is read. A tree that contradicts the template raises
+    ``ConfigError`` ("does not match the config's model"); unreadable files or non-finite values raise
+    ``CorruptCheckpointError``.
+    """
+    mngr, where = self.manager(sub), f'checkpoint {self.step_path(step, sub)}'
+    stateless = opt_template is not None and not jax.tree.leaves(opt_template)
+    try:
+      metadata = mngr.item_metadata(step)
+      stored = metadata['model']
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f'{where} is corrupt or truncated (its metadata cannot be read: '
+                                   f'{_first_line(e)})') from None
+    if (opt_template is not None and not stateless and stored is not None and metadata.get('opt') is None
+        and not os.path.isdir(os.path.join(self.step_path(step, sub), 'opt'))):
+      raise config_lib.ConfigError(f'{where} holds a model without optimizer state (a converted checkpoint?): to '
+                                   f'train from it use --config.init_from={self.path} with a new --workdir')
+    if stored is None:
+      raise CorruptCheckpointError(f'{where} is corrupt or truncated (no model item)')
+    check_tree(model_template, getattr(stored, 'tree', stored), where)
+    items = {'model': ocp.args.StandardRestore(abstract(model_template)), 'meta': ocp.args.JsonRestore()}
+    if opt_template is not None and not stateless:
+      items['opt'] = ocp.args.StandardRestore(abstract(opt_template))
+    try:
+      out = mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f'{where} is corrupt or truncated ({_first_line(e)})') from None
+    opt = opt_template if stateless else out['opt'] if opt_template is not None else None
+    bad = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_flatten_with_path((out['model'], opt))[0]
+           if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact) and not bool(jax.numpy.isfinite(x).all())]
+    if bad:
+      raise CorruptCheckpointError(f'{where} is corrupt: non-finite values in {bad[:3]}')
+    return out['model'], out['meta'], opt
+
+  def quarantine(self, step: int) -> str:
+    """Moves an unreadable step aside (``corrupt_<step>``, bytes kept) so that the run can go on; returns where."""
+    src = self.step_path(step)
+    dst, i = os.path.join(self.directory, f'corrupt_{step}'), 1
+    while os.path.exists(dst):
+      dst, i = os.path.join(self.directory, f'corrupt_{step}_{i}'), i + 1
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'srvp_quarantine_{step}')
+    self.manager().reload()
+    return dst
+
+  # A run. ------------------------------------------------------------------------------------------------------------
+  def resume(self, cfg: Mapping[str, Any], abstract_model: Any, abstract_opt: Any) -> Resume:
+    """Where a run in this folder starts: the newest intact step (unreadable newer ones listed), or step 0.
+
+    Refuses (``ConfigError``) a folder of the earlier layout, checkpoints of another model (STATE_KEYS),
+    and a folder whose every step is unreadable (``CorruptCheckpointError``). Writes nothing.
+    """
+    if self.is_legacy():
+      raise config_lib.ConfigError(self.legacy_hint())
+    steps = sorted(self.manager().all_steps(), reverse=True)
+    if steps:
+      conflicts = self.config_conflicts(cfg)
+      if conflicts:
+        raise config_lib.ConfigError(f"{self.path} holds checkpoints of another model ({'; '.join(conflicts)}); "
+                                     'drop these overrides to resume, or use another --workdir')
+    start = Resume()
+    for step in steps:
+      try:
+        start.model, _, start.opt = self.restore(step, abstract_model, abstract_opt)
+        start.step = int(step)
+        return start
+      except CorruptCheckpointError as e:
+        start.skipped.append((int(step), str(e)))
+    if start.skipped:
+      raise CorruptCheckpointError(f'no intact checkpoint in {self.directory}: {start.skipped[0][1]}; move the '
+                                   'folder aside to start afresh')
+    return start
+
+  # Readers. ----------------------------------------------------------------------------------------------------------
+  def resolve(self, which: str) -> tuple[str, int]:
+    """(sub-folder, step) for ``which`` = 'best', 'latest' or a step number.
+
+    'best' is the step with the best validation PSNR; a folder with a single step 0 (a converted
+    model) serves it as both best and latest.
+    """
+    which = str(which)
+    if self.is_legacy():
+      return self._resolve_legacy(which)
+    steps = self.steps()
+    if not steps:
+      raise CheckpointNotFoundError(f'no checkpoint in {self.directory}')
+    if which == 'latest':
+      return CHECKPOINT_DIR, max(steps)
+    if which == 'best':
+      best = self.best_step() if steps != [0] else 0
+      if best is None:
+        raise CheckpointNotFoundError(f'no validated checkpoint in {self.directory} (no step was saved with a '
+                                      f'finite validation PSNR); it has step(s) {steps}: use --checkpoint latest')
+      return CHECKPOINT_DIR, int(best)
+    if not which.isdigit() or int(which) not in steps:
+      raise CheckpointNotFoundError(f'no checkpoint for step {which} in {self.directory}; available: {steps}')
+    return CHECKPOINT_DIR, int(which)
+
+  def _resolve_legacy(self, which: str) -> tuple[str, int]:
+    """``resolve`` for the earlier layout (``checkpoints/<step>`` + ``best/<step>``)."""
+    sub = LEGACY_BEST_DIR if which == 'best' else CHECKPOINT_DIR
+    folder = os.path.join(self.path, sub)
+    steps = self.steps(sub)
+    if not steps:
+      other = CHECKPOINT_DIR if sub == LEGACY_BEST_DIR else LEGACY_BEST_DIR
+      other_steps = self.steps(other)
+      hint = ''
+      if other_steps:
+        hint = (f"; {os.path.join(self.path, other)} has step(s) {other_steps}: use --checkpoint "
+                f"{'latest' if other == CHECKPOINT_DIR else 'best'}")
+      raise CheckpointNotFoundError(f'no checkpoint in {folder}{hint}')
+    if which in ('best', 'latest'):
+      return sub, max(steps)
+    if not which.isdigit() or int(which) not in steps:
+      raise CheckpointNotFoundError(f'no checkpoint for step {which} in {folder}; available: {steps}')
+    return sub, int(which)
+
+  def load_model(self, which: str = 'best', compute_dtype: str | None = None, model_name: str | None = None):
+    """(model, cfg, step) of the folder, written by training or the converter, or an official one.
+
+    An official experiment folder (``config.json`` + ``model.pt``) is converted in memory; there
+    ``model_name`` picks the file (default ``model.pt``) and ``which`` is ignored. For our folders the
+    model is built abstractly (``nnx.eval_shape``) and only its part of the checkpoint is read (no
+    optimizer state, no random initialisation). ``compute_dtype`` overrides the config's (parameters
+    keep their dtype), e.g. float32 evaluation of a model trained in bfloat16. Raises
+    ``CorruptCheckpointError`` for unreadable or non-finite files.
+    """
+    if not os.path.isdir(self.path):
+      raise CheckpointNotFoundError(f'checkpoint folder not found: {self.path}')
+    if self.is_official():
+      return self._load_official(model_name or OFFICIAL_MODEL, compute_dtype)
+    if model_name is not None:
+      raise CheckpointNotFoundError(f'--model_name applies to official experiment folders (config.json + '
+                                    f'model.pt); {self.path} is one of ours: use --checkpoint best|latest|STEP')
+    cfg = self.load_config()
+    if compute_dtype is not None:
+      cfg.compute_dtype = compute_dtype
+    sub, step = self.resolve(which)
+    model = nnx.eval_shape(lambda: build_model(cfg))
+    host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree, _, _ = self.restore(step, abstract(model_tree(model), host), sub=sub)
+    set_model_tree(model, tree)
+    return model, cfg, step
+
+  def _load_official(self, model_name: str, compute_dtype: str | None):
+    """(model, cfg, step) of an official experiment folder, converted in memory.
+
+    ``model_name`` picks the weights file as the official ``test.py --model_name`` does ('model.pt', the
+    final weights, or 'model_best.pt'). The step is unknown in that layout and reported as -1.
+    """
+    path = os.path.join(self.path, model_name)
+    if not os.path.isfile(path):
+      found = sorted(n for n in os.listdir(self.path) if n.endswith('.pt'))
+      raise CheckpointNotFoundError(f'no {model_name} in {self.path}; it has {found}: use --model_name NAME')
+    cfg = config_lib.load_official_json(os.path.join(self.path, OFFICIAL_CONFIG_FILE))
+    if compute_dtype is not None:
+      cfg.compute_dtype = compute_dtype
+    model = convert.load_state_dict(build_model(cfg), convert.load_torch_file(path), cfg)
+    return model, cfg, -1
+
+  def init_variables(self, template: Any) -> tuple[dict, int]:
+    """(model variables, step) to fine-tune from: the best step, else the latest, checked against ``template``."""
+    try:
+      model, _, step = self.load_model('best')
+    except CheckpointNotFoundError:
+      model, _, step = self.load_model('latest')
+    tree = model_tree(model)
+    check_tree(template, tree, f'init_from={self.path}')
+    return tree, step
 
 
-def quarantine(mngr: ocp.CheckpointManager, step: int) -> str:
-  """Moves an unreadable step aside (``corrupt_<step>``, bytes kept) so that the run can go on; returns where."""
-  src = step_path(mngr, step)
-  dst, i = os.path.join(str(mngr.directory), f'corrupt_{step}'), 1
-  while os.path.exists(dst):
-    dst, i = os.path.join(str(mngr.directory), f'corrupt_{step}_{i}'), i + 1
-  if jax.process_index() == 0:
-    os.rename(src, dst)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(f'srvp_quarantine_{step}')
-  mngr.reload()
-  return dst
-
-
-def _steps(workdir: str, sub: str) -> list[int]:
-  folder = os.path.join(workdir, sub)
-  return sorted(manager(workdir, sub).all_steps()) if os.path.isdir(folder) else []
-
-
-def resolve_step(workdir: str, which: str) -> tuple[str, int]:
-  """(sub-folder, step) for ``which`` = 'best', 'latest' or a step number.
-
-  'best' is the step with the best validation PSNR; a folder with a single step 0 (a converted
-  model) serves it as both best and latest.
-  """
-  if is_legacy_layout(workdir):
-    return _resolve_legacy(workdir, which)
-  folder = os.path.join(workdir, LATEST_DIR)
-  steps = _steps(workdir, LATEST_DIR)
-  if not steps:
-    raise CheckpointNotFoundError(f'no checkpoint in {folder}')
-  if which == 'latest':
-    return LATEST_DIR, max(steps)
-  if which == 'best':
-    best = manager(workdir).best_step() if steps != [0] else 0
-    if best is None:
-      raise CheckpointNotFoundError(f'no validated checkpoint in {folder} (no step was saved with a finite '
-                                    f'validation PSNR); it has step(s) {steps}: use --checkpoint latest')
-    return LATEST_DIR, int(best)
-  if not str(which).isdigit() or int(which) not in steps:
-    raise CheckpointNotFoundError(f'no checkpoint for step {which} in {folder}; available: {steps}')
-  return LATEST_DIR, int(which)
-
-
-def _resolve_legacy(workdir: str, which: str) -> tuple[str, int]:
-  """``resolve_step`` for the earlier layout (``checkpoints/<step>`` + ``best/<step>``)."""
-  sub = BEST_DIR if which == 'best' else LATEST_DIR
-  folder = os.path.join(workdir, sub)
-  steps = _steps(workdir, sub)
-  if not steps:
-    other = LATEST_DIR if sub == BEST_DIR else BEST_DIR
-    other_steps = _steps(workdir, other)
-    hint = ''
-    if other_steps:
-      hint = (f"; {os.path.join(workdir, other)} has step(s) {other_steps}: use --checkpoint "
-              f"{'latest' if other == LATEST_DIR else 'best'}")
-    raise CheckpointNotFoundError(f'no checkpoint in {folder}{hint}')
-  if which in ('best', 'latest'):
-    return sub, max(steps)
-  if not str(which).isdigit() or int(which) not in steps:
-    raise CheckpointNotFoundError(f'no checkpoint for step {which} in {folder}; available: {steps}')
-  return sub, int(which)
-
-
-def legacy_hint(workdir: str) -> str:
-  """The one line that tells how to train on in a folder of the earlier layout."""
-  return (f'{workdir} was written with the earlier checkpoint layout (best/ beside checkpoints/), which '
-          'evaluation and export still read but training no longer writes: continue in a new workdir '
-          f'with --config.init_from={workdir} (or evaluate it as it is)')
-
-
-OFFICIAL_MODEL = 'model.pt'
-
-
-def is_official_folder(folder: str) -> bool:
-  """Whether ``folder`` is an official experiment folder (``config.json`` + ``*.pt``, none of ours)."""
-  return (os.path.isfile(os.path.join(folder, OFFICIAL_CONFIG_FILE))
-          and not os.path.isfile(os.path.join(folder, CONFIG_FILE))
-          and not os.path.isdir(os.path.join(folder, LATEST_DIR))
-          and any(n.endswith('.pt') for n in os.listdir(folder)))
-
-
-def load_official_folder(folder: str, model_name: str = OFFICIAL_MODEL, compute_dtype: str | None = None):
-  """(model, cfg, step) from an official experiment folder, converted in memory.
-
-  ``model_name`` picks the weights file as the official ``test.py --model_name`` does ('model.pt', the
-  final weights, or 'model_best.pt'). The step is unknown in that layout and reported as -1.
-  """
-  from srvp_jax import convert  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
-  path = os.path.join(folder, model_name)
-  if not os.path.isfile(path):
-    found = sorted(n for n in os.listdir(folder) if n.endswith('.pt'))
-    raise CheckpointNotFoundError(f'no {model_name} in {folder}; it has {found}: use --model_name NAME')
-  cfg = config_lib.load_official_json(os.path.join(folder, OFFICIAL_CONFIG_FILE))
-  if compute_dtype is not None:
-    cfg.compute_dtype = compute_dtype
-  state_dict = convert.load_torch_file(path)
-  model = convert.load_state_dict(build_model(cfg), state_dict, cfg)
-  return model, cfg, -1
-
-
-def load_model(workdir: str, which: str = 'best', compute_dtype: str | None = None,
-               model_name: str | None = None):
-  """(model, cfg, step) from a checkpoint folder written by training or the converter.
-
-  An official experiment folder (``config.json`` + ``model.pt``) is converted in memory; there
-  ``model_name`` picks the file (default ``model.pt``) and ``which`` is ignored. For our folders the
-  model is built abstractly (``nnx.eval_shape``) and only its part of the checkpoint is read (no
-  optimizer state, no random initialisation). ``compute_dtype`` overrides the config's (parameters
-  keep their dtype), e.g. float32 evaluation of a model trained in bfloat16. Raises
-  ``CorruptCheckpointError`` for unreadable or non-finite files.
-  """
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
-  if not os.path.isdir(workdir):
-    raise CheckpointNotFoundError(f'checkpoint folder not found: {workdir}')
-  if is_official_folder(workdir):
-    return load_official_folder(workdir, model_name or OFFICIAL_MODEL, compute_dtype)
-  if model_name is not None:
-    raise CheckpointNotFoundError(f'--model_name applies to official experiment folders (config.json + '
-                                  f'model.pt); {workdir} is one of ours: use --checkpoint best|latest|STEP')
-  cfg = load_config(workdir)
-  if compute_dtype is not None:
-    cfg.compute_dtype = compute_dtype
-  sub, step = resolve_step(workdir, str(which))
-  model = nnx.eval_shape(lambda: build_model(cfg))
-  host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  tree, _, _ = restore(manager(workdir, sub), step, abstract(model_tree(model), host))
-  set_model_tree(model, tree)
-  return model, cfg, step
-
-
-def set_model_tree(model: nnx.Module, tree: Mapping) -> None:
-  """Loads a pure dict of variables into ``model``, checking names and shapes."""
-  state = nnx.state(model)
-  template = dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0])
-  given = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
-  if set(template) != set(given):
-    diff = sorted(map(jax.tree_util.keystr, set(template) ^ set(given)))[:5]
-    raise config_lib.ConfigError(f'checkpoint variables do not match the config\'s model (e.g. {diff})')
-  for path, value in given.items():
-    if np.shape(value) != np.shape(template[path]):
-      raise config_lib.ConfigError(f'checkpoint variable {jax.tree_util.keystr(path)} has shape '
-                                   f'{np.shape(value)}, the config implies {np.shape(template[path])}')
-  nnx.replace_by_pure_dict(state, tree)
-  nnx.update(model, state)
+def load_model(path: str, which: str = 'best', compute_dtype: str | None = None, model_name: str | None = None):
+  """``RunFolder(path).load_model(...)``: (model, cfg, step) of a checkpoint folder."""
+  return RunFolder(path).load_model(which, compute_dtype, model_name)

@@ -25,9 +25,9 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from srvp_jax.config import FRAME_SIZE as NX
 from srvp_jax.data.base import natural_key
 
-NX = 64
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v')
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
 ARRAY_EXTENSIONS = ('.npy', '.npz')

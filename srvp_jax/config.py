@@ -15,10 +15,12 @@ from typing import Any, Mapping
 
 import ml_collections
 
+FRAME_SIZE = 64  # Frames are FRAME_SIZE x FRAME_SIZE: the official encoders and decoders are for 64x64 frames.
+
 # Official option -> default (official ``args.py``; dataset-specific ones have no default).
 OFFICIAL_DEFAULTS: dict[str, Any] = dict(
     # Model.
-    nx=64, nc=1, nf=64, nhx=128, ny=20, nz=20, skipco=False, nt_inf=5, nh_inf=256, nlayers_inf=3,
+    nx=FRAME_SIZE, nc=1, nf=64, nhx=128, ny=20, nz=20, skipco=False, nt_inf=5, nh_inf=256, nlayers_inf=3,
     nh_res=512, nlayers_res=4, archi='dcgan', n_euler_steps=1, res_gain=1.41,
     # Objective.
     obs_scale=1.0, beta_y=1.0, beta_z=1.0, l2_res=1.0,
@@ -51,6 +53,7 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     num_data_processes=0,  # Worker processes building batches (0: threads only; Moving MNIST scales with them).
     digits_source='auto',  # Moving MNIST digits: 'auto', 'idx', 'tfds' or 'standin' (offline stand-in).
     val_sample_chunk=25,  # Validation samples decoded together (memory vs speed).
+    val_resample=False,  # True: other validation videos and fresh noise at each validation (official); False: the same.
     mesh_data_axis=-1,  # Devices on the 'data' mesh axis (-1: all devices).
     # Test protocol (``python -m srvp_jax.evaluate`` defaults; 0 / '': the paper's for the dataset, PAPER_TEST).
     test_nt_cond=0,  # Conditioning frames at test time (0: nt_cond).
@@ -87,12 +90,18 @@ def default_config() -> ml_collections.ConfigDict:
 
 def preset(**overrides) -> ml_collections.ConfigDict:
   """Our defaults with ``overrides`` (unknown keys are errors), locked; validated later, once (``launch.py``)."""
+  cfg = _defaults_with(overrides)
+  cfg.lock()
+  return cfg
+
+
+def _defaults_with(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Our defaults with ``overrides`` applied; ConfigError for an unknown key."""
   cfg = default_config()
   unknown = sorted(set(overrides) - set(cfg.keys()))
   if unknown:
     raise ConfigError(f'unknown config key(s) {unknown}')
   cfg.update(overrides)
-  cfg.lock()
   return cfg
 
 
@@ -102,20 +111,9 @@ def did_you_mean(key: str) -> str:
   return f"unknown config key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else '')
 
 
-def lock(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Validates ``cfg`` and locks it so that unknown keys raise."""
-  validate(cfg)
-  cfg.lock()
-  return cfg
-
-
 def with_overrides(**overrides) -> ml_collections.ConfigDict:
   """Our defaults with ``overrides`` applied and validated (unknown keys are errors); not locked."""
-  cfg = default_config()
-  unknown = sorted(set(overrides) - set(cfg.keys()))
-  if unknown:
-    raise ConfigError(f'unknown config key(s) {unknown}')
-  cfg.update(overrides)
+  cfg = _defaults_with(overrides)
   validate(cfg)
   return cfg
 
@@ -128,8 +126,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     raise ConfigError('; '.join(did_you_mean(k) for k in unknown))
   if cfg['archi'] not in ARCHITECTURES:
     raise ConfigError(f"unknown architecture archi={cfg['archi']!r}; expected one of {ARCHITECTURES}")
-  if cfg['nx'] != 64:
-    raise ConfigError(f"nx={cfg['nx']}: only 64x64 frames are supported (the official architectures are 64x64)")
+  if cfg['nx'] != FRAME_SIZE:
+    raise ConfigError(f"nx={cfg['nx']}: only {FRAME_SIZE}x{FRAME_SIZE} frames are supported (the official "
+                      'architectures are 64x64)')
   if cfg['nc'] not in (1, 3):
     raise ConfigError(f"nc={cfg['nc']}: frames must have 1 or 3 channels")
   for key in ('nf', 'nhx', 'ny', 'nz', 'nt_inf', 'nh_inf', 'nh_res', 'n_euler_steps', 'batch_size'):
@@ -160,6 +159,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
   for key in ('test_nt_cond', 'test_nt_gen', 'test_n_samples'):
     if int(cfg.get(key, 0)) < 0:
       raise ConfigError(f'{key}={cfg[key]} must be >= 0 (0: the paper\'s value for the dataset)')
+  if not isinstance(cfg.get('val_resample', False), bool):
+    raise ConfigError(f"val_resample={cfg['val_resample']!r}: expected True or False")
   if cfg.get('test_checkpoint', '') not in ('', 'latest', 'best'):
     raise ConfigError(f"test_checkpoint={cfg['test_checkpoint']!r}: expected 'latest' or 'best'")
 

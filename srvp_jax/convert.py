@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from srvp_jax import config as config_lib
 from srvp_jax.model import SRVP, build_model
 from srvp_jax.model.layers import ours_to_torch, torch_to_ours
 
@@ -121,9 +120,3 @@ def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """Writes a ``state_dict`` of NumPy arrays as the official code saves it (``torch.save``)."""
   import torch  # pylint: disable=import-outside-toplevel
   torch.save(collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), path)
-
-
-def load_official(checkpoint: str, config_path: str) -> tuple[SRVP, Any]:
-  """Model and config from an official ``model.pt`` + ``config.json`` pair."""
-  cfg = config_lib.load_official_json(config_path)
-  return model_from_state_dict(load_torch_file(checkpoint), cfg), cfg

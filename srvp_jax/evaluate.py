@@ -38,8 +38,9 @@ import jax
 import numpy as np
 
 from srvp_jax import checkpoints, cli, config, convert, data
-from srvp_jax.evaluation import hooks, outputs, report, runner
-from srvp_jax.evaluation.hooks import RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE  # pylint: disable=unused-import
+from srvp_jax.evaluation import learned_metrics, outputs, report, runner
+from srvp_jax.evaluation.learned_metrics import (  # pylint: disable=unused-import
+    RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE)
 
 ALL_METRICS = ('psnr', 'ssim', 'lpips', 'fvd')
 EXAMPLE = '''examples:
@@ -121,7 +122,8 @@ def _protocol(args: argparse.Namespace):
   (``configured``) and the one this run uses, the flags overriding it (``protocol``)."""
   if not os.path.isdir(args.ckpt_dir):
     raise cli.UsageError(f'checkpoint folder {args.ckpt_dir} not found')
-  official = checkpoints.is_official_folder(args.ckpt_dir)
+  folder = checkpoints.RunFolder(args.ckpt_dir)
+  official = folder.is_official()
   if not official and args.model_name is not None:
     raise cli.UsageError(f'--model_name applies to official experiment folders (config.json + model.pt); '
                          f'{args.ckpt_dir} is one of ours: use --checkpoint best|latest|STEP')
@@ -129,13 +131,13 @@ def _protocol(args: argparse.Namespace):
     raise cli.UsageError(f'{args.ckpt_dir} is an official experiment folder: choose its weights with --model_name '
                          '(model.pt or model_best.pt), not --checkpoint')
   try:
-    cfg = checkpoints.load_config(args.ckpt_dir)
+    cfg = folder.load_config()
     configured = config.test_protocol(cfg)
     protocol = config.test_protocol(cfg, nt_cond=args.nt_cond, nt_gen=args.nt_gen, n_samples=args.n_samples,
                                     checkpoint=args.checkpoint)
     which = 'official' if official else protocol['checkpoint']
     if not official:
-      checkpoints.resolve_step(args.ckpt_dir, which)
+      folder.resolve(which)
   except (checkpoints.CheckpointNotFoundError, config.ConfigError) as e:
     raise cli.UsageError(str(e)) from None
   nt_cond, nt_gen = protocol['nt_cond'], protocol['nt_gen']
@@ -167,10 +169,10 @@ def _metric_hooks(args: argparse.Namespace, nt_gen: int):
   lpips_fn, i3d_path = None, None
   try:
     if 'fvd' in args.metrics:
-      i3d_path = hooks.check_fvd(nt_gen, args.i3d_weights)
+      i3d_path = learned_metrics.check_fvd(nt_gen, args.i3d_weights)
     if 'lpips' in args.metrics:
-      lpips_fn = hooks.LpipsOnFrames(hooks.resolve_lpips_backbone(args.lpips_backbone))
-  except hooks.HookError as e:
+      lpips_fn = learned_metrics.LpipsOnFrames(learned_metrics.resolve_lpips_backbone(args.lpips_backbone))
+  except learned_metrics.LearnedMetricError as e:
     raise cli.UsageError(str(e)) from None
   return lpips_fn, i3d_path
 
@@ -252,7 +254,7 @@ def _main(argv: Sequence[str] | None) -> int:
   fvd = None
   if 'fvd' in args.metrics:
     print('Computing FVD...', file=sys.stderr)
-    fvd = hooks.fvd(videos[:, :nt_gen], nt_cond, res['random'][0], setup['i3d_path'])
+    fvd = learned_metrics.fvd(videos[:, :nt_gen], nt_cond, res['random'][0], setup['i3d_path'])
   summary = {m: report.summarize(res['best_value'][m]) for m in res['best_value']}
   comparison = None
   if setup['reference'] is not None:

@@ -223,7 +223,7 @@ def check_train(cfg: Mapping[str, Any], target: str = 'h100', label: str | None 
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import train  # pylint: disable=import-outside-toplevel
+  from srvp_jax.train import step as train  # pylint: disable=import-outside-toplevel
   mesh = target_mesh(target)
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   graphdef, params, stats = _abstract_model(cfg)

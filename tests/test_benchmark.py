@@ -81,8 +81,8 @@ def test_time_convs_every_pass_of_every_convolution():
 
 def test_test_py_baseline_runs_the_official_protocol():
   cfg = tiny_config()
-  from srvp_jax.evaluation import hooks  # pylint: disable=import-outside-toplevel
-  row = benchmark.time_test_py(cfg, n_videos=3, n_samples=2, lpips_model=hooks.LpipsOnFrames(None).model.model)
+  from srvp_jax.evaluation import learned_metrics  # pylint: disable=import-outside-toplevel
+  row = benchmark.time_test_py(cfg, n_videos=3, n_samples=2, lpips_model=learned_metrics.LpipsOnFrames(None).model.model)
   assert positive_finite(row['test_py_s']) and positive_finite(row['test_py_sample_s'])
   assert row['test_py_sample_s'] <= row['test_py_s'] and row['torch_device'] == 'cpu'
 

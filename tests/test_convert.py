@@ -189,8 +189,8 @@ def test_checkpoint_and_config_flags_model_name_and_ddp_prefix(tmp_path):
     out = str(tmp_path / f'export_{which}')
     assert convert_torch_ckpt.main([str(tmp_path / 'a'), '--to_torch', '--checkpoint', which, '--out', out]) == 0
     assert_same_state_dict(convert.load_torch_file(os.path.join(out, 'model.pt')), ref)
-    assert config_lib.load_official_json(os.path.join(out, 'config.json')) == checkpoints.load_config(
-        str(tmp_path / 'a'))
+    assert config_lib.load_official_json(os.path.join(out, 'config.json')) == checkpoints.RunFolder(
+        str(tmp_path / 'a')).load_config()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -313,7 +313,7 @@ def test_conversion_errors(case, tmp_path, capsys):
   for needle in needles:
     assert needle in err, (needle, err)
   assert not (tmp_path / 'pwned').exists()
-  assert not (tmp_path / 'out' / checkpoints.LATEST_DIR).exists()
+  assert not (tmp_path / 'out' / checkpoints.CHECKPOINT_DIR).exists()
 
 
 def test_export_and_usage_errors(tmp_path, capsys):

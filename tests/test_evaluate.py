@@ -19,7 +19,7 @@ from flax import nnx
 from PIL import Image
 
 from srvp_jax import checkpoints, evaluate, evaluation
-from srvp_jax.evaluation import hooks, report
+from srvp_jax.evaluation import learned_metrics, report
 from srvp_jax import config as config_lib
 from srvp_jax.data import mmnist
 from srvp_jax.preparation import cli as data_cli
@@ -44,17 +44,16 @@ IMAGE_FILES = ('comparison.png', 'comparison.gif', 'per_frame.png')
 def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
   """A folder with the layout training writes (random models): configs and one orbax manager whose
   ``best_steps`` carry a validation PSNR (the best-checkpoint policy ranks them) and ``steps`` do not."""
-  checkpoints.save_config(workdir, cfg)
+  folder = checkpoints.RunFolder(workdir, keep=None)
+  folder.save_config(cfg)
   model = nnx.eval_shape(lambda: build_model(cfg))
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
-  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, max_to_keep=None)
+  folder.create()
   trees = {}
   for step in sorted(set(steps) | set(best_steps)):
     trees[step] = random_tree(model, seed + step)
     metrics = {'val_psnr': 30.0 + step} if step in best_steps else None
-    checkpoints.save(mngr, step, trees[step], meta={'step': step}, metrics=metrics)
-  mngr.wait_until_finished()
-  mngr.close()
+    folder.save(step, trees[step], meta={'step': step}, metrics=metrics)
+  folder.close()
   return trees
 
 
@@ -102,7 +101,7 @@ def _samples(out_dir, name):
 
 def test_startup_errors_are_one_line(tiny_ckpt, mmnist_dir, tmp_path, capsys):
   only_config = str(tmp_path / 'only_config')
-  checkpoints.save_config(only_config, tiny_config())
+  checkpoints.RunFolder(only_config).save_config(tiny_config())
   base = ['--metrics', 'psnr', '--out', str(tmp_path / 'out')]  # The cases' own options come after (and win).
   cases = [
       (tiny_ckpt, ['--data_dir', str(tmp_path / 'missing')], 'data directory'),
@@ -450,9 +449,9 @@ def test_lpips_without_backbone_fails_at_startup(tiny_ckpt, mmnist_dir, tmp_path
   cached = tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'alexnet-owt-7be5be79.pth'
   cached.parent.mkdir(parents=True)
   cached.write_bytes(b'')
-  assert hooks.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
+  assert learned_metrics.resolve_lpips_backbone(None) == str(cached)  # The cache wins over the hook.
   monkeypatch.delenv(evaluate.RANDOM_BACKBONE_ENV)
-  assert hooks.resolve_lpips_backbone(None) == str(cached)
+  assert learned_metrics.resolve_lpips_backbone(None) == str(cached)
   assert not os.path.exists(tmp_path / 'out')
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from srvp_jax import config as config_lib
-from srvp_jax import evaluate, evaluation
+from srvp_jax import evaluate, evaluation, sharding
 from srvp_jax.evaluation import report, sampling
 from srvp_jax.model import build_model
 
@@ -94,7 +94,7 @@ def test_chunk_size_from_the_compiled_programs_memory_analysis():
   graphdef, state = nnx.split(model)
   protocol = sampling.Protocol(nt_cond=2, nt_pred=3, n_euler_steps=1, cond_euler_steps=1, metrics=('psnr',))
   scorer = sampling.BestOfN(graphdef, protocol)
-  states = scorer.replicate((state,))
+  states = sharding.replicate((state,), scorer.mesh)
   assert scorer.chunk_size(states, 4, (64, 64, 1), 100, free_bytes=1) == 1  # Nothing free: one at a time.
   assert scorer.chunk_size(states, 4, (64, 64, 1), 100, free_bytes=1 << 40) == 100  # Everything fits.
   k = scorer.chunk_size(states, 4, (64, 64, 1), 100)  # This machine's free memory.
@@ -124,10 +124,10 @@ def test_validation_and_evaluation_share_the_core():
                               np.arange(5), 5)
   expected = np.asarray(full['psnr']).mean(-1)[np.argmax(np.asarray(full['select_psnr']), axis=0), np.arange(3)]
   val = sampling.BestOfN(graphdef, sampling.Protocol(select_on='all', keep_videos=False, **common))
-  got = sampling.validation_psnr(val, val.replicate((state,)), x, key, n_samples=5, chunk=2)
+  got = sampling.validation_psnr(val, sharding.replicate((state,), val.mesh), x, key, n_samples=5, chunk=2)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5)
   test = sampling.BestOfN(graphdef, sampling.Protocol(**common))
-  res = jax.device_get(test.run_batch(test.replicate((state,)), x, np.arange(3), key, n_samples=5, chunk=3))
+  res = jax.device_get(test.run_batch(sharding.replicate((state,), test.mesh), x, np.arange(3), key, n_samples=5, chunk=3))
   pred_score = np.asarray(full['psnr']).mean(-1)
   np.testing.assert_allclose(res['selection']['psnr']['best_value'], pred_score.max(0), rtol=1e-5)
 
@@ -139,16 +139,16 @@ import jax, numpy as np
 jax.config.update('jax_platforms', 'cpu')
 sys.path.insert(0, sys.argv[3])
 from flax import nnx
-from srvp_jax import config as C, train
+from srvp_jax import config as C, sharding
 from srvp_jax.model import build_model
+from srvp_jax.train import validation
 cfg = C.with_overrides(**%s, val_sample_chunk=2)
 model = build_model(cfg, 0)
 graphdef, params, stats = nnx.split(model, nnx.Param, ...)
-mesh = train.make_mesh(cfg)
-rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-params, stats = jax.device_put((params, stats), rep)
+mesh = sharding.make_mesh(cfg)
+params, stats = sharding.replicate((params, stats), mesh)
 x = np.random.default_rng(0).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)
-psnr = train.make_val_fn(graphdef, cfg, 3, mesh)(params, stats, x, jax.random.key(1))
+psnr = validation.make_batch_psnr(graphdef, cfg, 3, mesh)(params, stats, x, jax.random.key(1))
 np.savez(sys.argv[2], psnr=np.asarray(psnr), n_dev=jax.device_count(), n_shards=len(psnr.sharding.device_set))
 ''' % repr(TINY)
 

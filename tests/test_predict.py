@@ -36,11 +36,10 @@ T_CLIP = 7
 def ckpt(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('ckpt'))
   cfg = config_lib.with_overrides(**TINY)
-  checkpoints.save_config(workdir, cfg)
-  mngr = checkpoints.manager(workdir)
-  checkpoints.save(mngr, 7, random_tree(nnx.eval_shape(lambda: build_model(cfg)), 0, bias_scale=0.3), meta={'step': 7})
-  mngr.wait_until_finished()
-  mngr.close()
+  folder = checkpoints.RunFolder(workdir)
+  folder.save_config(cfg)
+  folder.save(7, random_tree(nnx.eval_shape(lambda: build_model(cfg)), 0, bias_scale=0.3), meta={'step': 7})
+  folder.close()
   return workdir
 
 

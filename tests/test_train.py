@@ -13,6 +13,9 @@ from flax import nnx
 
 from srvp_jax import config as config_lib
 from srvp_jax import train
+from srvp_jax.train import runtime, validation
+from srvp_jax.train import loop as train_loop
+from srvp_jax.train import step as train_step
 from srvp_jax.model import build_model
 
 from helpers import snapshot  # pylint: disable=wrong-import-order
@@ -52,10 +55,27 @@ def test_lr_schedule_matches_official_lambda_lr():
     official.append(opt.param_groups[0]['lr'])  # lr used by update number itr.
     if itr >= burnin:
       sched.step()
-  ours = [float(train.lr_schedule(lr, burnin, n_iter)(c)) for c in range(burnin + n_iter)]
+  ours = [float(train_step.lr_schedule(lr, burnin, n_iter)(c)) for c in range(burnin + n_iter)]
   np.testing.assert_allclose(ours, official, rtol=1e-6, atol=1e-12)
   assert ours[burnin - 1] == pytest.approx(lr) and ours[burnin] == pytest.approx(lr * (n_iter - 1) / n_iter)
   assert ours[-1] == 0.0
+  # Without burn-in the decay starts with the first update (lr (n_iter - 1) / n_iter), as LambdaLR stepped at once.
+  no_burnin = [float(train_step.lr_schedule(lr, 0, 3)(c)) for c in range(4)]
+  np.testing.assert_allclose(no_burnin, [lr * 2 / 3, lr / 3, 0.0, 0.0], rtol=1e-6)
+
+
+def test_val_resample_draws_other_videos_and_noise_at_each_validation():
+  """Default: every validation sees the same videos (data seed) and noise; val_resample: its own, per step."""
+  fixed, official = tiny_config(), tiny_config(val_resample=True)
+  assert validation.validation_seed(fixed, 10) == validation.validation_seed(fixed, 20) == int(fixed.seed)
+  same = [jax.random.key_data(validation.noise_key(fixed, s)) for s in (10, 20)]
+  np.testing.assert_array_equal(*same)
+  seeds = {validation.validation_seed(official, s) for s in (10, 20, 30)}
+  assert len(seeds) == 3 and seeds == {validation.validation_seed(official, s) for s in (10, 20, 30)}
+  other = [jax.random.key_data(validation.noise_key(official, s)) for s in (10, 20)]
+  assert not np.array_equal(*other)
+  with pytest.raises(config_lib.ConfigError, match='val_resample=1'):
+    config_lib.validate(dict(tiny_config(), val_resample=1))
 
 
 _DP_SCRIPT = r'''
@@ -64,17 +84,18 @@ os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1
 import jax, numpy as np, optax
 jax.config.update('jax_platforms', 'cpu')
 sys.path.insert(0, sys.argv[3])
-from srvp_jax import config as C, train
+from srvp_jax import config as C, sharding
 from srvp_jax.model import build_model
+from srvp_jax.train import step as train_step
 cfg = C.default_config(); cfg.update(%s)
 tx = optax.sgd(0.1)
-graphdef, state = train.init_state(build_model(cfg, 0), tx)
+graphdef, state = train_step.init_state(build_model(cfg, 0), tx)
 init = jax.tree.leaves(jax.device_get(state.params))
-mesh = train.make_mesh(cfg)
-step = train.jit_train_step(train.make_train_step(graphdef, cfg, tx), mesh)
-state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+mesh = sharding.make_mesh(cfg)
+step = train_step.jit_train_step(train_step.make_train_step(graphdef, cfg, tx), mesh)
+state = sharding.replicate(state, mesh)
 x = np.random.default_rng(0).uniform(size=(8, 6, 64, 64, 1)).astype(np.float32)
-state, m = step(state, train.global_batch(x, mesh), jax.random.key(1))
+state, m = step(state, sharding.shard_local_batch(x, mesh), jax.random.key(1))
 updates = [np.asarray(a) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), init)]
 stats = [np.asarray(a) for a in jax.tree.leaves(jax.device_get(state.batch_stats)) if np.asarray(a).dtype == np.float32]
 np.savez(sys.argv[2], loss=np.asarray(m['loss']), n_dev=jax.device_count(),
@@ -137,7 +158,7 @@ class _KillAt:
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
   cfg = tiny_config(chkpt_interval=100)  # Only the interrupt (and the end) write checkpoints.
-  no_val = lambda: iter(())
+  no_val = lambda step: iter(())
   train.train_and_evaluate(cfg, str(tmp_path / 'full'), train_batches=step_indexed(), val_batches=no_val,
                            progress=False)
   killed = str(tmp_path / 'killed')
@@ -153,7 +174,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
   # The logged learning rate is the one each update used (the optimizer's, at its own count).
   with open(tmp_path / 'full' / 'metrics.jsonl', encoding='utf-8') as f:
     lrs = {r['step']: r['lr'] for r in map(json.loads, f) if 'lr' in r}
-  schedule = train.make_lr(cfg)
+  schedule = train_step.make_lr(cfg)
   assert lrs == pytest.approx({s: float(schedule(s - 1)) for s in range(1, 7)}, rel=1e-6)
   assert lrs[6] == 0.0
 
@@ -177,7 +198,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
     return gen()
 
   with pytest.raises(train.NonFiniteError, match='step 4'):
-    train.train_and_evaluate(cfg, str(tmp_path), train_batches=poisoned, val_batches=lambda: iter(()),
+    train.train_and_evaluate(cfg, str(tmp_path), train_batches=poisoned, val_batches=lambda step: iter(()),
                              progress=False)
   step, leaves = _params(str(tmp_path))
   assert step == 2 and all(np.isfinite(a).all() for a in leaves)
@@ -188,7 +209,7 @@ def test_non_finite_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path):
       yield np.full_like(next(inner), np.nan)
   with pytest.raises(train.NonFiniteError) as e:
     train.train_and_evaluate(cfg, str(tmp_path / 'first'), train_batches=poisoned_first,
-                             val_batches=lambda: iter(()), progress=False)
+                             val_batches=lambda step: iter(()), progress=False)
   assert 'step 1' in str(e.value) and 'no checkpoint had been written yet' in str(e.value)
   assert 'last good checkpoint' not in str(e.value)
 
@@ -217,7 +238,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
                     chkpt_interval=1000, log_interval=1, num_data_workers=2)
   from srvp_jax import data  # pylint: disable=import-outside-toplevel
   batches = lambda start: data.get_dataset(cfg).train_batches(16, seed=0, start_step=start)
-  train.train_and_evaluate(cfg, str(tmp_path), train_batches=batches, val_batches=lambda: iter(()),
+  train.train_and_evaluate(cfg, str(tmp_path), train_batches=batches, val_batches=lambda step: iter(()),
                            progress=False)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     losses = np.array([r['loss'] for r in map(json.loads, f) if 'loss' in r])
@@ -231,38 +252,39 @@ def test_short_training_run_lowers_the_loss(tmp_path):
 def _save_steps(workdir, steps, psnr, keep=2, keep_period=0):
   """Saves tiny checkpoints at ``steps`` with validation PSNR ``psnr[step]`` (None: not validated)."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
-  os.makedirs(os.path.join(workdir, checkpoints.LATEST_DIR), exist_ok=True)
-  mngr = checkpoints.manager(workdir, checkpoints.LATEST_DIR, keep, keep_period=keep_period)
+  folder = checkpoints.RunFolder(workdir, keep, keep_period=keep_period)
+  folder.create()
   for step in steps:
     value = psnr.get(step)
-    checkpoints.save(mngr, step, {'w': np.full((2,), step, np.float32)}, {'step': step},
-                     metrics=None if value is None else {checkpoints.METRIC: value})
-  mngr.wait_until_finished()
-  return mngr
+    folder.save(step, {'w': np.full((2,), step, np.float32)}, {'step': step},
+                metrics=None if value is None else {checkpoints.METRIC: value})
+  folder.wait_until_finished()
+  return folder
 
 
 def test_one_manager_keeps_latest_periodic_and_best(tmp_path):
   """keep_checkpoints newest, every multiple of keep_period, and the best finite validation PSNR."""
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
   psnr = {3: 20.0, 6: 25.0, 9: float('nan'), 12: 22.0}  # Step 9's validation is non-finite: never the best.
-  mngr = _save_steps(str(tmp_path), range(1, 14), psnr, keep=2, keep_period=4)
-  assert sorted(mngr.all_steps()) == [4, 6, 8, 12, 13]  # 12, 13 newest; 4, 8, 12 periodic; 6 best.
-  assert mngr.best_step() == 6
-  assert checkpoints.resolve_step(str(tmp_path), 'best') == (checkpoints.LATEST_DIR, 6)
-  assert checkpoints.resolve_step(str(tmp_path), 'latest') == (checkpoints.LATEST_DIR, 13)
-  assert checkpoints.resolve_step(str(tmp_path), '8') == (checkpoints.LATEST_DIR, 8)
+  folder = _save_steps(str(tmp_path), range(1, 14), psnr, keep=2, keep_period=4)
+  assert folder.steps() == [4, 6, 8, 12, 13]  # 12, 13 newest; 4, 8, 12 periodic; 6 best.
+  assert folder.best_step() == 6 and folder.best_metric() == 25.0
+  reader = checkpoints.RunFolder(str(tmp_path))
+  assert reader.resolve('best') == (checkpoints.CHECKPOINT_DIR, 6)
+  assert reader.resolve('latest') == (checkpoints.CHECKPOINT_DIR, 13)
+  assert reader.resolve('8') == (checkpoints.CHECKPOINT_DIR, 8)
   with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'available: \[4, 6, 8, 12, 13\]'):
-    checkpoints.resolve_step(str(tmp_path), '9')
+    reader.resolve('9')
   # Only non-finite validations: no best, and 'best' says which checkpoints exist.
   nan_only = str(tmp_path / 'nan')
   _save_steps(nan_only, (2, 4), {2: float('nan')})
   with pytest.raises(checkpoints.CheckpointNotFoundError, match=r'no validated checkpoint.*\[2, 4\].*latest'):
-    checkpoints.resolve_step(nan_only, 'best')
+    checkpoints.RunFolder(nan_only).resolve('best')
 
 
 def _tiny_run(workdir, cfg, **kw):
   return train.train_and_evaluate(cfg, workdir, train_batches=kw.pop('batches', step_indexed()),
-                                  val_batches=kw.pop('val', lambda: iter(())), progress=False, **kw)
+                                  val_batches=kw.pop('val', lambda step: iter(())), progress=False, **kw)
 
 
 def test_truncated_or_corrupt_checkpoints(tmp_path, capsys):
@@ -305,15 +327,15 @@ def test_truncated_or_corrupt_checkpoints(tmp_path, capsys):
   # Non-finite values in an otherwise readable checkpoint.
   nan_dir = str(tmp_path / 'nan')
   cfg = config_lib.with_overrides(**TINY)
-  checkpoints.save_config(nan_dir, cfg)
+  nan_folder = checkpoints.RunFolder(nan_dir)
+  nan_folder.save_config(cfg)
   model = build_model(cfg, jax.random.key(0))
   tree = jax.tree.map(lambda x: np.full(np.shape(x), np.nan, np.asarray(x).dtype)
                       if np.issubdtype(np.asarray(x).dtype, np.floating) else np.asarray(x),
                       checkpoints.model_tree(model))
-  os.makedirs(os.path.join(nan_dir, checkpoints.LATEST_DIR))
-  mngr = checkpoints.manager(nan_dir)
-  checkpoints.save(mngr, 1, tree, {'step': 1})
-  mngr.wait_until_finished()
+  nan_folder.create()
+  nan_folder.save(1, tree, {'step': 1})
+  nan_folder.wait_until_finished()
   with pytest.raises(checkpoints.CorruptCheckpointError, match='corrupt: non-finite values'):
     checkpoints.load_model(nan_dir, 'latest')
 
@@ -336,8 +358,8 @@ def test_validation_draws_exactly_n_samples_whatever_the_chunk():
   key = jax.random.key(2)
   results = []
   for chunk in (1, 2, 3):
-    val_fn = train.make_val_fn(graphdef, tiny_config(nc=1, val_sample_chunk=chunk), 3)
-    results.append(np.asarray(val_fn(params, stats, x, key)))
+    batch_psnr = validation.make_batch_psnr(graphdef, tiny_config(nc=1, val_sample_chunk=chunk), 3)
+    results.append(np.asarray(batch_psnr(params, stats, x, key)))
   np.testing.assert_allclose(results[0], results[1], rtol=1e-6)
   np.testing.assert_allclose(results[0], results[2], rtol=1e-6)
 
@@ -348,11 +370,11 @@ def test_periodic_actions_validate_at_the_official_times_only():
   actions = train.PeriodicActions.from_config(tiny_config(lr_scheduling_burnin=20, lr_scheduling_n_iter=5,
                                                           val_interval=10, chkpt_interval=4, log_interval=3))
   steps = range(1, 26)
-  assert [s for s in steps if actions.validate(s)] == [10, 20]
-  assert [s for s in steps if actions.checkpoint(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
-  assert [s for s in steps if actions.log(s)] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+  assert [s for s in steps if actions.validation_due(s)] == [10, 20]
+  assert [s for s in steps if actions.checkpoint_due(s)] == [4, 8, 10, 12, 16, 20, 24, 25]
+  assert [s for s in steps if actions.log_due(s)] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
   default = train.PeriodicActions.from_config(tiny_config(val_interval=3, chkpt_interval=0))
-  assert [s for s in range(1, 7) if default.checkpoint(s)] == [3, 6]  # Default: every validation (+ the end).
+  assert [s for s in range(1, 7) if default.checkpoint_due(s)] == [3, 6]  # Default: every validation (+ the end).
   with pytest.raises(config_lib.ConfigError, match='val_interval=0'):
     config_lib.validate(tiny_config(val_interval=0))
   with pytest.raises(config_lib.ConfigError, match='profile_steps=-1'):
@@ -365,13 +387,15 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
   from srvp_jax import checkpoints  # pylint: disable=import-outside-toplevel
   old = str(tmp_path / 'old')
   cfg = config_lib.with_overrides(**TINY)
-  checkpoints.save_config(old, cfg)
+  checkpoints.RunFolder(old).save_config(cfg)
   trees = {}
-  for sub, step, seed in ((checkpoints.LATEST_DIR, 4, 1), (checkpoints.BEST_DIR, 2, 2)):
+  for sub, step, seed in ((checkpoints.CHECKPOINT_DIR, 4, 1), (checkpoints.LEGACY_BEST_DIR, 2, 2)):
     trees[step] = checkpoints.model_tree(build_model(cfg, jax.random.key(seed)))
-    mngr = checkpoints.manager(old, sub)
-    checkpoints.save(mngr, step, trees[step], {'step': step}, opt_state=None)
-    mngr.wait_until_finished()
+    writer = checkpoints.RunFolder(str(tmp_path / sub))  # Written as a run, then moved into place.
+    writer.create()
+    writer.save(step, trees[step], {'step': step}, opt_state=None)
+    writer.close()
+    os.rename(writer.directory, os.path.join(old, sub))
   for which, step in (('best', 2), ('latest', 4), ('4', 4)):
     model, _, got = checkpoints.load_model(old, which)
     assert got == step
@@ -391,10 +415,10 @@ def test_earlier_layout_still_evaluates_and_fine_tunes_but_does_not_resume(tmp_p
 
 
 def test_non_finite_validation_is_reported_and_never_best(tmp_path, capsys):
-  mngr = _save_steps(str(tmp_path), [2], {2: float('nan')})
-  console = train.Console(10, 2, show_bar=False, is_main=True)
-  writer = train.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
-  train._report_validation(console, writer, mngr, 2, float('nan'))  # pylint: disable=protected-access
+  folder = _save_steps(str(tmp_path), [2], {2: float('nan')})
+  console = runtime.Console(10, 2, show_bar=False, is_main=True)
+  writer = runtime.JsonlWriter(str(tmp_path / 'metrics.jsonl'))
+  train_loop._report_validation(console, writer, folder, 2, float('nan'))  # pylint: disable=protected-access
   err = capsys.readouterr().err
   assert err.strip() == 'step 2: validation PSNR is non-finite (nan); this checkpoint never counts as best'
-  assert mngr.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()
+  assert folder.best_step() is None and not (tmp_path / 'metrics.jsonl').exists()

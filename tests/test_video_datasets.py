@@ -85,7 +85,9 @@ def _cfg(dataset, data_dir, nc, seq_len, seq_len_test=0, subsampling=8):
   cfg = config.default_config()
   cfg.update(dict(dataset=dataset, data_dir=data_dir, nc=nc, seq_len=seq_len, seq_len_test=seq_len_test,
                   subsampling=subsampling, nt_inf=2, num_data_workers=2))
-  return config.lock(cfg)
+  config.validate(cfg)
+  cfg.lock()
+  return cfg
 
 
 # Ground truth, read independently of the code under test: the official video lists and their frames.

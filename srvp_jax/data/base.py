@@ -31,7 +31,7 @@ from PIL import Image
 from srvp_jax import config as config_lib
 from srvp_jax.data import DataError, pipeline, store
 
-NX = 64
+NX = config_lib.FRAME_SIZE
 CLI = 'python -m srvp_jax.data'
 DEFAULT_CACHE_BYTES = 4 << 30
 _EPOCH_TAG = 0x5EB0C4  # Seeds the epoch permutations apart from the per-step generators.

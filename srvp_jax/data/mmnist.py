@@ -21,10 +21,10 @@ from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
+from srvp_jax.config import FRAME_SIZE
 from srvp_jax.data import DataError, base, mnist
 from srvp_jax.data.pipeline import official_val_split, to_float
 
-FRAME_SIZE = 64
 EPS = 1e-8  # Tolerance of the official bounce computation.
 
 

@@ -28,9 +28,9 @@ import os
 
 import numpy as np
 
+from srvp_jax.config import FRAME_SIZE as NX
 from srvp_jax.data import DataError
 
-NX = 64
 STORE_DIR = 'store'
 INDEX = 'index.json'
 FORMAT_VERSION = 1

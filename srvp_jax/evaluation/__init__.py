@@ -6,7 +6,7 @@
 * ``runner``: ``evaluate_videos`` over a test set (double-buffered host loop);
 * ``report``: official means / intervals, the paper's numbers beside ours (``compare``), JSON;
 * ``outputs``: the official files and the figures;
-* ``hooks``: LPIPS (PyTorch) and FVD (I3D) with their start-up checks.
+* ``learned_metrics``: LPIPS (PyTorch) and FVD (I3D), the learned metrics, with their start-up checks.
 """
 
 from srvp_jax.evaluation.runner import IMAGE_METRICS, evaluate_videos

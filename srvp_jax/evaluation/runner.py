@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from srvp_jax import sharding
 from srvp_jax.evaluation.sampling import BestOfN, Protocol
 
 IMAGE_METRICS = ('psnr', 'ssim', 'lpips')
@@ -48,7 +49,7 @@ def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, 
                       metrics=tuple(m for m in names if m != 'lpips'), keep_float=lpips_fn is not None)
   graphdef, state = nnx.split(model)
   scorer = BestOfN(graphdef, protocol, mesh=mesh)
-  states = scorer.replicate((state,))
+  states = sharding.replicate((state,), scorer.mesh)
   chunk = int(sample_chunk or scorer.chunk_size(states, batch_size, frame_shape, n_samples))
   chunk = min(chunk, n_samples)
   base_key = jax.random.key(seed)

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from srvp_jax import sharding
 from srvp_jax.metrics import image, selection
 
 FRAME_METRICS = {'psnr': image.psnr, 'ssim': image.ssim}  # Computed inside the compiled function.
@@ -106,18 +107,13 @@ def predictions(model, protocol: Protocol, base_key: jax.Array, x: jax.Array, vi
   return out
 
 
-def data_mesh() -> Mesh:
-  """A 1-D 'data' mesh over every device."""
-  return Mesh(np.asarray(jax.devices()), ('data',))
-
-
 @functools.lru_cache(maxsize=16)
 def chunk_function(graphdef, protocol: Protocol, mesh: Mesh) -> Callable:
   """``predictions`` compiled with the model replicated and the batch sharded over 'data'.
 
   Arguments: (states, key_data (the raw data of the base key), x, video_ids, sample_ids, n_samples).
   """
-  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def fn(states, key_data, x, video_ids, sample_ids, n_samples):
     model = nnx.merge(graphdef, *states, copy=True)
@@ -142,7 +138,7 @@ def cond_reconstruction(model, protocol: Protocol, base_key: jax.Array, x: jax.A
 @functools.lru_cache(maxsize=16)
 def cond_reconstruction_function(graphdef, protocol: Protocol, mesh: Mesh) -> Callable:
   """``cond_reconstruction`` compiled as ``chunk_function`` (states, key_data, x, video_ids)."""
-  rep, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  rep, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
 
   def fn(states, key_data, x, video_ids):
     model = nnx.merge(graphdef, *states, copy=True)
@@ -208,23 +204,16 @@ class BestOfN:
 
   def __init__(self, graphdef, protocol: Protocol, *, mesh: Mesh | None = None):
     self.protocol = protocol
-    self.mesh = mesh or data_mesh()
+    self.mesh = mesh or sharding.make_mesh()
     self.graphdef = graphdef
     self.fn = chunk_function(graphdef, protocol, self.mesh)
-
-  def replicate(self, states: tuple) -> tuple:
-    """``states`` replicated over the mesh (what ``run_batch`` expects)."""
-    return jax.device_put(tuple(states), NamedSharding(self.mesh, P()))
 
   def chunk_size(self, states: tuple, batch_size: int, frame_shape: Sequence[int], n_samples: int,
                  free_bytes: int | None = None) -> int:
     """``auto_chunk`` for batches of ``batch_size`` videos of frames ``frame_shape`` (H, W, C)."""
-    shape = (self._padded(batch_size), self.protocol.nt_cond + self.protocol.nt_pred) + tuple(frame_shape)
+    nt = self.protocol.nt_cond + self.protocol.nt_pred
+    shape = (sharding.padded_size(batch_size, self.mesh), nt) + tuple(frame_shape)
     return auto_chunk(self.graphdef, tuple(states), self.protocol, shape, n_samples, self.mesh, free_bytes)
-
-  def _padded(self, b: int) -> int:
-    n = self.mesh.devices.size
-    return -(-b // n) * n
 
   def run_batch(self, states: tuple, x: np.ndarray | jax.Array, video_ids: np.ndarray, base_key: jax.Array,
                 n_samples: int, chunk: int, lpips_fn: Callable | None = None) -> dict[str, Any]:
@@ -238,7 +227,7 @@ class BestOfN:
     """
     p = self.protocol
     b = len(video_ids)
-    pad = self._padded(b) - b
+    pad = sharding.padded_size(b, self.mesh) - b
     # Host arrays (the same on every process) go to the compiled function, which places them on the mesh:
     # nothing is committed to one local device first, so this also runs with several processes.
     x = np.asarray(x, np.float32)[:, :p.nt_cond + p.nt_pred]
@@ -247,7 +236,7 @@ class BestOfN:
       x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
       ids = np.concatenate([ids, np.repeat(ids[-1:], pad)])
     host_x = x
-    x, ids = (_global(a, NamedSharding(self.mesh, P('data'))) for a in (x, ids))
+    x, ids = (sharding.shard_host_batch(a, self.mesh) for a in (x, ids))
     key_data = np.asarray(jax.random.key_data(base_key))
     names = list(p.metrics) + (['lpips'] if lpips_fn is not None else [])
     if p.select_on == 'all':
@@ -256,7 +245,7 @@ class BestOfN:
       payload_shape, payload_dtype = (p.nt_pred,) + tuple(x.shape[2:]), jnp.uint8
     sel = None
     if p.keep_videos or p.select_on == 'all':
-      sel = jax.tree.map(lambda a: _global(np.asarray(a), NamedSharding(self.mesh, P('data'))),
+      sel = jax.tree.map(lambda a: sharding.shard_host_batch(np.asarray(a), self.mesh),
                          selection.init_state(names, len(ids), payload_shape, payload_dtype))
     out = {'per_frame': {m: [] for m in names}, 'select': {m: [] for m in names}, 'random': []}
     n_random = min(5, n_samples)
@@ -287,11 +276,6 @@ class BestOfN:
     return out
 
 
-def _global(a: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A host array that is the same on every process, as a global array with ``sharding``."""
-  return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-
 def validation_psnr(scorer: BestOfN, states: tuple, x: np.ndarray, key: jax.Array, n_samples: int,
                     chunk: int) -> jax.Array:
   """Official validation of one batch: PSNR over the predicted frames of each video's best sample (B,).
@@ -308,4 +292,4 @@ def validation_psnr(scorer: BestOfN, states: tuple, x: np.ndarray, key: jax.Arra
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _replicated_head(values: jax.Array, n: int, mesh: Mesh) -> jax.Array:
-  return jax.lax.with_sharding_constraint(values[:n], NamedSharding(mesh, P()))
+  return jax.lax.with_sharding_constraint(values[:n], sharding.replicated(mesh))

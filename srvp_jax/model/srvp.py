@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from srvp_jax.config import FRAME_SIZE
 from srvp_jax.model.conv import Decoder, Encoder
 from srvp_jax.model.layers import LSTM, MLP, Linear, TorchTensor
 
@@ -102,15 +103,15 @@ class Conditioning(NamedTuple):
 class SRVP(nnx.Module):
   """Stochastic Latent Residual Video Predictor (official module names in ``torch_tensors``)."""
 
-  def __init__(self, *, nx: int = 64, nc: int, nf: int, nhx: int, ny: int, nz: int, skipco: bool, nt_inf: int,
+  def __init__(self, *, nx: int = FRAME_SIZE, nc: int, nf: int, nhx: int, ny: int, nz: int, skipco: bool, nt_inf: int,
                nh_inf: int, nlayers_inf: int, nh_res: int, nlayers_res: int, archi: str, res_gain: float = 1.41,
                dtype=jnp.float32, param_dtype=jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
     """``dtype``: compute dtype of convolutions and matrix products; ``param_dtype``: parameters,
     BatchNorm statistics, latent states, noise and every accumulation (float32, or float64 under
     ``jax_enable_x64``); ``precision``: of float32 convolutions and matrix products ('float32' or
     'tensorfloat32', ``layers.lax_precision``)."""
-    if nx != 64:
-      raise ValueError(f'nx={nx}: the official encoders and decoders are for 64x64 frames')
+    if nx != FRAME_SIZE:
+      raise ValueError(f'nx={nx}: the official encoders and decoders are for {FRAME_SIZE}x{FRAME_SIZE} frames')
     self.nc, self.ny, self.nz, self.nhx = nc, ny, nz, nhx
     self.nt_inf, self.nh_inf, self.skipco = nt_inf, nh_inf, skipco
     self.param_dtype = param_dtype

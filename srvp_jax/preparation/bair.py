@@ -111,11 +111,6 @@ def bair_tfrecord_index(root: str, split: str) -> list[tuple[str, int]]:
   return index
 
 
-def bair_tfrecord_count(root: str, split: str) -> int:
-  """Number of videos of ``split`` in the original TFRecords (43,264 train, 256 test when complete)."""
-  return len(bair_tfrecord_index(root, split))
-
-
 def bair_tfds_videos(data_dir: str, split: str) -> Iterator[np.ndarray]:
   """BAIR videos of ``split`` from a prepared TFDS ``bair_robot_pushing_small``, uint8 (30, 64, 64, 3).
 

@@ -21,7 +21,7 @@ RANDOM_BACKBONE_ENV = 'SRVP_LPIPS_ALLOW_RANDOM_BACKBONE'
 RANDOM_BACKBONE_NOTE = 'random backbone - not comparable'
 
 
-class HookError(Exception):
+class LearnedMetricError(Exception):
   """A metric that cannot run (missing / corrupt weights, import order): one line."""
 
 
@@ -35,35 +35,35 @@ def resolve_lpips_backbone(path: str | None) -> str | None:
             'its values are NOT comparable to any published number (tests only)', file=sys.stderr)
       return None
     if path is not None:
-      raise HookError(f'--lpips_backbone {path} not found: give torchvision\'s AlexNet weights '
+      raise LearnedMetricError(f'--lpips_backbone {path} not found: give torchvision\'s AlexNet weights '
                       f'{lpips_bridge.ALEXNET_FILE} ({lpips_bridge.ALEXNET_URL})') from None
-    raise HookError(f'LPIPS needs the torchvision AlexNet weights: download {lpips_bridge.ALEXNET_URL} to '
+    raise LearnedMetricError(f'LPIPS needs the torchvision AlexNet weights: download {lpips_bridge.ALEXNET_URL} to '
                     f'{lpips_bridge.default_backbone_path()} or give --lpips_backbone PATH '
                     '(or leave lpips out of --metrics)') from None
 
 
 class LpipsOnFrames:
-  """LPIPS v0.1 AlexNet per frame through the torch bridge; a corrupt weights file is a HookError."""
+  """LPIPS v0.1 AlexNet per frame through the torch bridge; a corrupt weights file is a LearnedMetricError."""
 
   def __init__(self, backbone_path: str | None):
     try:
       self.model = lpips_bridge.LPIPS(backbone_path, allow_random_backbone=backbone_path is None)
     except ValueError as e:
-      raise HookError(str(e)) from None
+      raise LearnedMetricError(str(e)) from None
 
   def __call__(self, pred, target):
     return self.model(pred, target)
 
 
 def check_fvd(nt_gen: int, weights: str | None) -> str:
-  """The I3D weights file for FVD on videos of ``nt_gen`` frames (HookError when it cannot run)."""
+  """The I3D weights file for FVD on videos of ``nt_gen`` frames (LearnedMetricError when it cannot run)."""
   if nt_gen < fvd_lib.I3D_MIN_FRAMES:
-    raise HookError(f'FVD needs videos of at least {fvd_lib.I3D_MIN_FRAMES} frames, nt_gen={nt_gen}: '
+    raise LearnedMetricError(f'FVD needs videos of at least {fvd_lib.I3D_MIN_FRAMES} frames, nt_gen={nt_gen}: '
                     'raise --nt_gen or drop fvd from --metrics')
   try:
     return fvd_lib.check_i3d_available(weights)
   except FileNotFoundError as e:
-    raise HookError(str(e)) from None
+    raise LearnedMetricError(str(e)) from None
 
 
 def fvd(videos: np.ndarray, nt_cond: int, first_sample: np.ndarray, weights: str) -> float:
