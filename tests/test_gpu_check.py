@@ -40,6 +40,12 @@ def _conv_params(fn, *args):
   return found
 
 
+
+@pytest.fixture(autouse=True)
+def _xla_convolutions(monkeypatch):
+  """The XLA layer forms on CPU too (CPU float32 convolutions otherwise run on oneDNN; GPU targets never do)."""
+  monkeypatch.setenv('SRVP_ONEDNN', '0')
+
 def test_strided_transposed_convolution_takes_the_form_of_the_target_platform():
   layer = layers.ConvTranspose2d(16, 8, 4, 2, 1, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jnp.ones((2, 8, 8, 16))
