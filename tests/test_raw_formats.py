@@ -1,6 +1,6 @@
 """Raw-format readers (srvp_jax.data.raw) on tiny fixtures in the real raw formats (tests/raw_fixtures.py).
 
-References are computed independently inside the tests: the official commands / processing (SPEC section 6,
+References are computed independently inside the tests: the official commands / processing (docs/srvp.md section 6,
 official preprocessing scripts) run on the same files, and the known synthetic source frames.
 """
 

@@ -1,6 +1,6 @@
 """Moving MNIST (stochastic and deterministic): trajectories, rendering, the dataset, the official test sets.
 
-Two implementations of the trajectory process of SPEC section 7 (bounces on the frame edges, with new
+Two implementations of the trajectory process of docs/srvp.md section 7 (bounces on the frame edges, with new
 random speeds at each bounce in the stochastic version):
 - ``scalar_trajectory``: one trajectory drawn from a legacy ``numpy.random.RandomState`` (or the
   ``numpy.random`` module) with the official order of draws. The test sets use it so that they are
@@ -62,7 +62,7 @@ def scalar_trajectory(rng: Any, seq_len: int, *, deterministic: bool, max_speed:
 
 
 def _scalar_bounce(rng, row, col, drow, dcol, lim, deterministic, max_speed):
-  """Resolves the bounces of one position that may lie outside [0, lim]^2 (SPEC section 7)."""
+  """Resolves the bounces of one position that may lie outside [0, lim]^2 (docs/srvp.md section 7)."""
   lo_r, hi_r, lo_c, hi_c = row < -EPS, row > lim + EPS, col < -EPS, col > lim + EPS
   point = None  # Persists across the loop's iterations, as in the official code.
   while lo_r or hi_r or lo_c or hi_c:
@@ -406,7 +406,7 @@ def official_test_set(images: np.ndarray, labels: np.ndarray, *, deterministic: 
 
   The official procedure byte for byte: NumPy's legacy generator seeded 42, one permutation of the test
   digits, then for each video and each of its digits (digit ``perm[i * ndigits + n]``) one trajectory
-  (SPEC section 7). Returns ``sequences`` (T, N, 64, 64) uint8, ``latents`` (T, N, ndigits, 4) int64,
+  (docs/srvp.md section 7). Returns ``sequences`` (T, N, 64, 64) uint8, ``latents`` (T, N, ndigits, 4) int64,
   ``labels`` (N, ndigits) uint8 and ``digits`` (N, ndigits, 28, 28) uint8.
   """
   rng = np.random.RandomState(seed)  # The same stream as the official np.random.seed(seed).

@@ -8,11 +8,11 @@ writing its intermediate files (``prepare`` turns these videos into the video st
   which writes ``processed_data/<split>/<tfrecord name>/<k:03d>/<t:03d>.png``).
 - KTH: the class archives ``<action>.zip`` or their ``person<PP>_<action>_d<S>_uncomp.avi`` files, one
   video per AVI file, decoded by ``ffmpeg -i AVI -r 25 -s 64x64`` to PNG and the first channel kept
-  (official ``preprocessing/kth/convert.py`` and loader; SPEC section 6), with the ffmpeg binary of the
+  (official ``preprocessing/kth/convert.py`` and loader; docs/srvp.md section 6), with the ffmpeg binary of the
   ``imageio-ffmpeg`` wheel.
 - Human3.6M: the extracted ``S<n>/Videos/<action>.<camera>.mp4`` files, every frame (50 fps) cropped to
   (100, 100, 900, 900) then resized to 64x64 with Lanczos, '_'-prefixed files skipped (official
-  ``preprocessing/human/convert.py``; SPEC section 6). Subsampling happens when clips are drawn, not here.
+  ``preprocessing/human/convert.py``; docs/srvp.md section 6). Subsampling happens when clips are drawn, not here.
 
 Missing data raises ``RawDataMissingError`` and an unreadable file ``CorruptRawFileError``, both with a
 one-line message naming the path and the fix. TensorFlow is imported only by the BAIR readers.
@@ -45,7 +45,7 @@ SPLITS = ('train', 'test')
 BAIR_FRAMES = 30
 BAIR_FRAME_KEY = '{t}/image_aux1/encoded'
 BAIR_TFDS_NAME = 'bair_robot_pushing_small'
-BAIR_VIDEOS = {'train': 43264, 'test': 256}  # Videos of the complete dataset (SPEC section 6).
+BAIR_VIDEOS = {'train': 43264, 'test': 256}  # Videos of the complete dataset (docs/srvp.md section 6).
 
 KTH_FRAME_RATE = 25
 KTH_AVI = re.compile(r'^person(\d{2})_([a-z]+)_(d\d)_uncomp\.avi$')
