@@ -1,4 +1,4 @@
-"""Stochastic Moving MNIST, the paper's setup (SPEC section 1).
+"""Stochastic Moving MNIST, the paper's setup (docs/srvp.md section 1).
 
     python launch.py --config configs/smmnist.py --workdir runs/smmnist --config.data_dir=DIR
 

@@ -62,7 +62,7 @@ EXTRA_DEFAULTS: dict[str, Any] = dict(
     test_checkpoint='',  # 'latest' (final weights, official model.pt) or 'best' (best validation PSNR).
 )
 
-# The paper's test protocol per dataset (SPEC sections 1 and 5; deterministic Moving MNIST is 'mmnist').
+# The paper's test protocol per dataset (docs/srvp.md sections 1 and 5; deterministic Moving MNIST is 'mmnist').
 PAPER_TEST = {
     'smmnist': dict(nt_gen=25, n_samples=100, checkpoint='latest'),
     'mmnist': dict(nt_gen=100, n_samples=1, checkpoint='latest'),

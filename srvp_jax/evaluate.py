@@ -1,4 +1,5 @@
-"""Official SRVP test protocol (SPEC section 5): ``python -m srvp_jax.evaluate CKPT_DIR --data_dir DIR [options]``.
+"""Official SRVP test protocol (docs/srvp.md section 5):
+``python -m srvp_jax.evaluate CKPT_DIR --data_dir DIR [options]``.
 
 For every test video, ``n_samples`` predictions are drawn from the conditioning frames; for each of PSNR,
 SSIM and LPIPS separately the best sample (by the mean over predicted frames) is kept, and the reported

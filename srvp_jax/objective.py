@@ -1,4 +1,4 @@
-"""The training objective of SPEC section 4: NLL + beta_y KL_y + beta_z KL_z + l2_res L2.
+"""The training objective of docs/srvp.md section 4: NLL + beta_y KL_y + beta_z KL_z + l2_res L2.
 
 Everything is computed in the model's parameter dtype (float32, or float64 for the reference replay)
 whatever its compute dtype, and averaged over the batch.

@@ -17,7 +17,7 @@ It is never used to compute anything of ours (training, evaluation, conversion a
 
 Differences from the official code, none of which changes the computation: all randomness is
 passed in (``eps_*`` noise and frame choices) so that recorded runs replay exactly, and the Euler
-loop counts steps with integers, so it is exact for every positive ``n_euler_steps`` (SPEC section 2;
+loop counts steps with integers, so it is exact for every positive ``n_euler_steps`` (docs/srvp.md section 2;
 the official ``linspace`` loop is only right for powers of two, where both agree).
 """
 
@@ -203,7 +203,7 @@ class TorchSRVP(nn.Module):
     Args:
       cfg: needs nc, ny, nz and nt_inf; the other model keys and res_gain default to the official
         values.
-      init: apply the official initialisation (SPEC section 3), as the official ``model.init``.
+      init: apply the official initialisation (docs/srvp.md section 3), as the official ``model.init``.
     """
     super().__init__()
     c = {'nx': 64, 'nf': 64, 'nhx': 128, 'skipco': False, 'nh_inf': 256, 'nlayers_inf': 3, 'nh_res': 512,
@@ -339,7 +339,7 @@ class TorchSRVP(nn.Module):
   @torch.no_grad()
   def predict(self, x_cond: Tensor, eps_y0: Tensor, eps_z_post: Tensor, eps_z_prior: Tensor, nt_pred: int,
               n_euler_steps: int = 1) -> Prediction:
-    """The official test protocol (``test.py``, SPEC section 5), BatchNorm in evaluation mode.
+    """The official test protocol (``test.py``, docs/srvp.md section 5), BatchNorm in evaluation mode.
 
     Infers the states of the conditioning frames x_cond (nt_cond, B, ...) with noise eps_y0 (B, ny)
     and eps_z_post (nt_cond-1, B, nz), then rolls the prior forward nt_pred frames from the last
@@ -362,7 +362,7 @@ class TorchSRVP(nn.Module):
 # ------------------------------------------------------------------------------------------------
 def loss_terms(x: Tensor, out: Outputs, obs_scale: float, beta_y: float, beta_z: float,
                l2_res: float) -> dict[str, Tensor]:
-  """The official objective (``train.py``; SPEC section 4), each term summed then divided by B.
+  """The official objective (``train.py``; docs/srvp.md section 4), each term summed then divided by B.
 
   Returns nll, kl_y_0, kl_z, l2_res (the sum of Euclidean norms of the residuals) and loss =
   nll + beta_y kl_y_0 + beta_z kl_z + l2_res * l2 (the last term only when l2_res > 0).

@@ -30,7 +30,7 @@ GOLDEN_DCGAN = os.path.join(DATA, 'golden', 'dcgan')
 with open(os.path.join(DATA, 'official_state_dict_shapes.json'), encoding='utf-8') as _f:
   OFFICIAL = json.load(_f)
 
-# SPEC section 1: the paper configurations (model sizes nf, nhx, nh_inf, ... are the defaults).
+# docs/srvp.md section 1: the paper configurations (model sizes nf, nhx, nh_inf, ... are the defaults).
 PAPER = {
     'smmnist': dict(dataset='smmnist', nc=1, ny=20, nz=20, archi='dcgan', skipco=False, n_euler_steps=1, nt_inf=5,
                     nt_cond=5, obs_scale=1.0, beta_z=2.0, res_gain=1.41, batch_size=128, seq_len=15),

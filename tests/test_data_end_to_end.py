@@ -3,7 +3,7 @@
 Fixtures are written in the formats the owners distribute (tests/raw_fixtures.py): KTH AVI files (two
 classes inside their zip archives), Human3.6M MP4 files of every subject (with a '_ALL' video to skip),
 BAIR TFRecords with the real feature keys. What the stream tests (test_video_datasets.py,
-test_data_store.py) do not cover is checked here against small independent implementations of SPEC
+test_data_store.py) do not cover is checked here against small independent implementations of docs/srvp.md
 section 6: the splits by subject of videos prepared from the raw files, the skipped '_' files, and the
 official test-set draws on the prepared store (and that they do not change between runs).
 """
@@ -138,7 +138,7 @@ def _check_run(run, dataset, nt_gen, n_test):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _spec_kth_draws(size, seq_len, n_frames):
-  """SPEC section 6: legacy seed 42; class randint(6), subject randint(21, 26), scenario randint(1, 5), start."""
+  """docs/srvp.md section 6: legacy seed 42; class randint(6), subject randint(21, 26), scenario randint(1, 5), start."""
   rng = np.random.RandomState(42)
   draws = []
   for _ in range(size):
@@ -230,7 +230,7 @@ def test_human_from_mp4_splits_by_subject_and_official_test_draws(human_data, ca
     assert [m['subject'] for m in videos.meta] == [int(n[1:n.index('-')]) for n in listed[split]]
     assert list(videos.lengths) == [HUMAN_VIDEOS[(m['subject'], *m['filename'].rsplit('.', 1))]
                                     for m in videos.meta]  # Every frame (50 fps) kept; subsampled when drawn.
-  # SPEC section 6: legacy seed 42; video index among the sorted test videos, then a start for the whole span.
+  # docs/srvp.md section 6: legacy seed 42; video index among the sorted test videos, then a start for the whole span.
   test = store.StoreVideos(human_data, 'test')
   span = (HUMAN_TEST['seq_len'] - 1) * HUMAN_SUB + 1
   rng = np.random.RandomState(42)

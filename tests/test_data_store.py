@@ -1,6 +1,6 @@
 """The video store, the grain streams, the data CLI, and an end-to-end run: prepare -> launch.py -> evaluate.
 
-Tiny datasets are written in the official layouts (PNG frames, npz files). Checks against SPEC section 6
+Tiny datasets are written in the official layouts (PNG frames, npz files). Checks against docs/srvp.md section 6
 (splits by subject, the official 95/5 folds, subsampling, random-start bounds, the official test-set draws)
 use small independent implementations written here, not the code under test.
 """
@@ -88,7 +88,7 @@ def _cfg(dataset, data_dir, **kw):
   return cfg
 
 
-# Independent readers of the official layouts (SPEC section 6 and the official scripts).
+# Independent readers of the official layouts (docs/srvp.md section 6 and the official scripts).
 
 def _kth_official(root, split):
   """(name, person, frames) of KTH videos: subjects 1-20 train, 21-25 test; per action, names sorted."""
@@ -119,7 +119,8 @@ OFFICIAL = {'kth': _kth_official, 'human': _human_official, 'bair': _bair_offici
 
 
 def _spec_folds(n):
-  """SPEC: RandomState(42).shuffle of the video indices; the first int(0.95 n) are training, the rest validation."""
+  """docs/srvp.md section 5: RandomState(42).shuffle of the video indices; the first int(0.95 n) are training,
+  the rest validation."""
   ids = list(range(n))
   np.random.RandomState(42).shuffle(ids)
   return sorted(ids[:int(0.95 * n)]), sorted(ids[int(0.95 * n):])
@@ -258,7 +259,7 @@ def test_training_from_the_store_needs_no_official_layout(kth_png, tmp_path, cap
 def test_kth_test_set_from_store_equals_official_procedure(kth_png, tmp_path):
   data_dir = _copy_layout(kth_png, tmp_path / 'd')
   from_png = np.load(kth.KTH(None, data_dir).make_test_set(size=30, seq_len=6))['sequences']
-  # SPEC section 6, independently: legacy global seed 42; class, subject, scenario, start.
+  # docs/srvp.md section 6, independently: legacy global seed 42; class, subject, scenario, start.
   np.random.seed(42)
   official = {n: f for n, _, f in _kth_official(data_dir, 'test')}
   want = []
@@ -296,7 +297,7 @@ def test_human_test_set_from_store_equals_official_files(human_npz, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Streams: SPEC section 6 splits, subsampling and random-start bounds; determinism and exact resume.
+# Streams: docs/srvp.md section 6 splits, subsampling and random-start bounds; determinism and exact resume.
 # --------------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', ['kth', 'human'])

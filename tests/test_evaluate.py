@@ -242,7 +242,7 @@ def test_end_to_end_outputs(tiny_eval, mmnist_dir):
 
 
 def _ssim_spec_numpy(pred, target):
-  """SPEC section 5 SSIM in float64, written independently of dm-pix: separable normalised 1-D Gaussian (11 taps,
+  """docs/srvp.md section 5 SSIM in float64, written independently of dm-pix: separable normalised 1-D Gaussian (11 taps,
   sigma 1.5), valid filtering, k1 0.01, k2 0.03, mean over pixels then channels. (..., H, W, C) -> (...)."""
   taps = np.exp(-(np.arange(11) - 5.) ** 2 / (2 * 1.5 ** 2))
   taps /= taps.sum()
@@ -261,8 +261,8 @@ def _ssim_spec_numpy(pred, target):
 
 def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmnist_dir):
   """Noise is key(seed) -> video -> sample: one chunk of 7 and one batch of 3 give the same samples as chunks of 3
-  and batches of 2. The in-graph SSIM (dm-pix) of the predictions equals the SPEC formula in NumPy, computed on the
-  same float predictions (passed through the hook LPIPS uses)."""
+  and batches of 2. The in-graph SSIM (dm-pix) of the predictions equals the formula of docs/srvp.md section 5 in
+  NumPy, computed on the same float predictions (passed through the hook LPIPS uses)."""
   model, _, _ = evaluate.load_model(tiny_ckpt, 'latest')
   videos = mmnist.load_test_set(mmnist_dir, False, NT_GEN)
   seen = []

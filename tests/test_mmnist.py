@@ -1,4 +1,4 @@
-"""Moving MNIST: digit sources, the trajectory process of SPEC section 7, the training stream, test sets."""
+"""Moving MNIST: digit sources, the trajectory process of docs/srvp.md section 7, the training stream, test sets."""
 
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ def test_standin_digits():
 
 
 # --------------------------------------------------------------------------------------------------
-# Trajectory process (SPEC section 7).
+# Trajectory process (docs/srvp.md section 7).
 
 
 def random_inits(rng, n):
@@ -221,7 +221,7 @@ def test_videos_are_clipped_sums_of_pasted_digits():
 
 
 # --------------------------------------------------------------------------------------------------
-# Test sets: equal to an independent, literal implementation of SPEC section 7.
+# Test sets: equal to an independent, literal implementation of docs/srvp.md section 7.
 
 
 def reference_test_set(images, labels, deterministic, seq_len, n_videos, ndigits=2):

@@ -1,5 +1,5 @@
 """The SRVP model on tiny CPU configs: Euler integration, program size, explicit randomness,
-prediction with S samples, compute dtype and initialisation (SPEC sections 2, 3 and 5).
+prediction with S samples, compute dtype and initialisation (docs/srvp.md sections 2, 3 and 5).
 
 One model is initialised for the whole file (initialisation compiles many small programs); the
 bfloat16 model shares its parameters.
@@ -79,7 +79,7 @@ def predict(model, x_cond, noise, n_euler_steps=1, cond_euler_steps=None):
 
 
 # ------------------------------------------------------------------------------------------------
-# Euler integration: an independent float64 NumPy reference of SPEC section 2.
+# Euler integration: an independent float64 NumPy reference of docs/srvp.md section 2.
 def np_mlp(mlp, x):
   for i, layer in enumerate(mlp.layers):
     x = (np.maximum(x, 0) if i > 0 else x) @ np.asarray(layer.dense.kernel[...], np.float64)
@@ -332,7 +332,7 @@ def test_float64_parameter_dtype_runs_everything_in_float64(model, video):
 
 
 # ------------------------------------------------------------------------------------------------
-# Initialisation (SPEC section 3).
+# Initialisation (docs/srvp.md section 3).
 def test_initialisation_follows_the_official_code(model):
   cfg = tiny_config()
   groups = {'conv': [], 'bn_scale': []}

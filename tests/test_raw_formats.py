@@ -1,6 +1,6 @@
 """Raw-format readers (srvp_jax.preparation: kth, human, bair) on tiny fixtures in the real raw formats.
 
-References are computed independently inside the tests: the official commands / processing (SPEC section 6,
+References are computed independently inside the tests: the official commands / processing (docs/srvp.md section 6,
 official preprocessing scripts) run on the same files, and the known synthetic source frames.
 """
 

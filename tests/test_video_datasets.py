@@ -264,7 +264,8 @@ def test_training_on_official_png_layout_hints_prepare(kth_dir, capsys):
 # --------------------------------------------------------------------------------------------------------------------
 
 def _kth_reference_test_set(kth_dir, size, seq_len):
-  """Straightforward reimplementation of the SPEC procedure with NumPy's global generator, on the PNG frames."""
+  """Straightforward reimplementation of the procedure of docs/srvp.md section 6 with NumPy's global generator,
+  on the PNG frames."""
   state = np.random.get_state()
   np.random.seed(42)
   sequences, persons, actions = [], [], []

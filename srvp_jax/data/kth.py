@@ -13,7 +13,7 @@ Subjects 1-20 are the training videos (official 95/5 train / validation folds), 
 Videos are ordered by action (``CLASSES`` order) then name, as the official dataset lists them (sorted;
 the official code uses ``os.listdir`` order, which depends on the file system). The official test set for
 extracts of N frames is ``DIR/svg_test_set_N.npz`` (``sequences`` (1000, N, 64, 64) uint8, ``persons``,
-``actions``), made by ``make_test_set kth`` with the official draws (SPEC section 6).
+``actions``), made by ``make_test_set kth`` with the official draws (docs/srvp.md section 6).
 """
 
 from __future__ import annotations

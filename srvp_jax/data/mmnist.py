@@ -1,6 +1,6 @@
 """Moving MNIST (stochastic and deterministic): trajectories, rendering, the dataset, the official test files.
 
-Two implementations of the trajectory process of SPEC section 7 (bounces on the frame edges, with new
+Two implementations of the trajectory process of docs/srvp.md section 7 (bounces on the frame edges, with new
 random speeds at each bounce in the stochastic version):
 - ``scalar_trajectory``: one trajectory drawn from a legacy ``numpy.random.RandomState`` (or the
   ``numpy.random`` module) with the official order of draws. The test sets use it so that they are
@@ -61,7 +61,7 @@ def scalar_trajectory(rng: Any, seq_len: int, *, deterministic: bool, max_speed:
 
 
 def _scalar_bounce(rng, row, col, drow, dcol, lim, deterministic, max_speed):
-  """Resolves the bounces of one position that may lie outside [0, lim]^2 (SPEC section 7)."""
+  """Resolves the bounces of one position that may lie outside [0, lim]^2 (docs/srvp.md section 7)."""
   lo_r, hi_r, lo_c, hi_c = row < -EPS, row > lim + EPS, col < -EPS, col > lim + EPS
   point = None  # Persists across the loop's iterations, as in the official code.
   while lo_r or hi_r or lo_c or hi_c:

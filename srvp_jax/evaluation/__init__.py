@@ -1,4 +1,4 @@
-"""Evaluation as library code: the paper's protocol (SPEC section 5) for training validation, the
+"""Evaluation as library code: the paper's protocol (docs/srvp.md section 5) for training validation, the
 ``python -m srvp_jax.evaluate`` tool and user tools.
 
 * ``sampling``: the compiled best-of-N core (``Protocol``, ``BestOfN``, ``validation_psnr``,

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the official SRVP protocol (SPEC section 5), for (B, T, H, W, C) videos in [0, 1].
+"""Evaluation metrics of the official SRVP protocol (docs/srvp.md section 5), for (B, T, H, W, C) videos in [0, 1].
 
 Per frame, in JAX (`srvp_jax.metrics.image`); a video's score is the mean over its predicted frames:
   psnr(pred, target) -> (...)          mean over channels of 10 log10(1 / MSE), MSE over H x W

@@ -32,7 +32,7 @@ def init_key(key: jax.Array | int) -> jax.Array:
 
 
 def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
-  """An SRVP model initialised as the official code does (SPEC section 3), from a config.
+  """An SRVP model initialised as the official code does (docs/srvp.md section 3), from a config.
 
   ``param_dtype`` 'float64' (parameters, statistics and accumulations in float64: the reference
   replay of ``srvp_jax.parity``) needs ``jax_enable_x64``.

@@ -1,4 +1,4 @@
-"""DCGAN and VGG 64x64 frame encoders and decoders (SPEC section 2).
+"""DCGAN and VGG 64x64 frame encoders and decoders (docs/srvp.md section 2).
 
 Encoders map a frame (N, 64, 64, nc) to a vector of size ``nhx`` plus four skip tensors (the
 outputs of the four stages, deepest first). Decoders map a vector of size ``nh_inf + ny`` (and,

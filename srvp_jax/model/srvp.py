@@ -1,4 +1,4 @@
-"""The SRVP model: encoder, content variable w, latent residual dynamics, decoder (SPEC section 2).
+"""The SRVP model: encoder, content variable w, latent residual dynamics, decoder (docs/srvp.md section 2).
 
 Layouts are batch-major: videos (B, T, H, W, C), latent sequences (B, T, dim).
 

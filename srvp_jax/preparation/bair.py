@@ -27,7 +27,7 @@ URL = 'http://rail.eecs.berkeley.edu/datasets/bair_robot_pushing_dataset_v0.tar'
 BAIR_FRAMES = bair.N_FRAMES
 BAIR_FRAME_KEY = '{t}/image_aux1/encoded'
 BAIR_TFDS_NAME = 'bair_robot_pushing_small'
-BAIR_VIDEOS = {'train': 43264, 'test': 256}  # Videos of the complete dataset (SPEC section 6).
+BAIR_VIDEOS = {'train': 43264, 'test': 256}  # Videos of the complete dataset (docs/srvp.md section 6).
 
 
 def bair_tfrecord_files(root: str, split: str) -> list[str]:

@@ -25,7 +25,7 @@ def official_test_set(images: np.ndarray, labels: np.ndarray, *, deterministic: 
 
   The official procedure byte for byte: NumPy's legacy generator seeded 42, one permutation of the test
   digits, then for each video and each of its digits (digit ``perm[i * ndigits + n]``) one trajectory
-  (SPEC section 7). Returns ``sequences`` (T, N, 64, 64) uint8, ``latents`` (T, N, ndigits, 4) int64,
+  (docs/srvp.md section 7). Returns ``sequences`` (T, N, 64, 64) uint8, ``latents`` (T, N, ndigits, 4) int64,
   ``labels`` (N, ndigits) uint8 and ``digits`` (N, ndigits, 28, 28) uint8.
   """
   rng = np.random.RandomState(seed)  # The same stream as the official np.random.seed(seed).
