@@ -103,7 +103,7 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments {argv[1:]}')
-  cli.start(verbose=flags.FLAGS['verbosity'].present)
+  cli.start(verbose=flags.FLAGS['verbosity'].present, cache_compilations=True)
   cfg = load_config()
   if cfg.distributed:
     initialize_distributed(cfg)  # Before anything touches the devices.

@@ -231,7 +231,7 @@ def _main(argv: Sequence[str] | None) -> int:
   if 'lpips' in args.metrics:
     # LPIPS runs in torch on the same GPU: JAX must not reserve 75% of its memory up front (XLA's default).
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  cli.start(args.verbose, torch_first='lpips' in args.metrics)  # LPIPS runs torch: before any TensorFlow.
+  cli.start(args.verbose, torch_first='lpips' in args.metrics, cache_compilations=True)  # LPIPS runs torch: before any TensorFlow.
   setup = _startup(args)
   cfg, nt_cond, nt_gen, videos = setup['cfg'], setup['nt_cond'], setup['nt_gen'], setup['videos']
   n_samples = setup['n_samples']

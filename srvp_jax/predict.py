@@ -404,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  cli.start(args.verbose)
+  cli.start(args.verbose, cache_compilations=True)
   setup = _startup(args)
   start = time.perf_counter()
   print(f'{_describe(args, setup)}; model {args.ckpt_dir} (step {setup["step"]}) on '

@@ -116,3 +116,17 @@ def test_number_types_say_what_is_expected():
     rate('fast')
   with pytest.raises(argparse.ArgumentTypeError, match=r'^0 must be > 0$'):
     rate('0')
+
+
+def test_compilation_cache_folder_is_jax_variable_else_the_user_cache(monkeypatch, tmp_path):
+  import jax  # pylint: disable=import-outside-toplevel
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(tmp_path / 'given'))
+    assert cli.compilation_cache() == str(tmp_path / 'given')
+    monkeypatch.delenv('JAX_COMPILATION_CACHE_DIR')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'xdg'))
+    assert cli.compilation_cache() == str(tmp_path / 'xdg' / 'srvp_jax' / 'jax')
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / 'xdg' / 'srvp_jax' / 'jax')
+  finally:
+    jax.config.update('jax_compilation_cache_dir', before)
