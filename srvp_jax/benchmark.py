@@ -977,6 +977,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--programs', type=_programs, default=list(gpu_check.PROGRAMS), metavar='LIST',
                  help=f'With --target: programs among {",".join(gpu_check.PROGRAMS)} (default: all).')
   p.add_argument('--json', default=None, metavar='FILE', help='Also write the rows as JSON (parent folders created).')
+  p.add_argument('--gpu_table', default=None, metavar='DIR',
+                 help='On a GPU machine: the whole GPU table of BENCHMARKS.md (every paper config at its paper batch, '
+                      'float32 and bfloat16 beside PyTorch, then 256 BAIR test videos x 100 samples); rows in '
+                      'DIR/{train,eval_bair}.json. Other options are ignored.')
   return p.parse_args(argv)
 
 
@@ -1005,12 +1009,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   return cli.main(_main, argv)
 
 
+# The GPU table of BENCHMARKS.md (``--gpu_table``): the train steps, then the full BAIR test evaluation.
+GPU_TABLE = {
+    'train': ['--configs', ','.join(PAPER_CONFIGS), '--dtypes', 'float32,bfloat16', '--torch', '--steps', '20',
+              '--warmup', '3'],
+    'eval_bair': ['--configs', 'bair', '--dtypes', 'bfloat16', '--steps', '1', '--warmup', '0', '--eval',
+                  '--eval_videos', '256'],
+}
+
+
 def _main(argv: Sequence[str] | None) -> int:
   # Other processes' load when we start: they distort CPU timings (torch's OpenMP threads spin-wait and
   # suffer most from cores taken by others), so the table shows it.
   load_before = os.getloadavg()[0]
   started = datetime.datetime.now().astimezone().isoformat(timespec='seconds')
   args = parse_args(argv)
+  if args.gpu_table:
+    verbose = ['--verbose'] if args.verbose else []
+    return max(_main(extra + verbose + ['--json', os.path.join(args.gpu_table, f'{name}.json')])
+               for name, extra in GPU_TABLE.items())
   try:
     configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, precision=args.precision,
                                           overrides=args.override)

@@ -149,3 +149,10 @@ def test_bad_input_is_one_line(tmp_path, args, expected):
 def test_help_has_an_example(tmp_path):
   res = run_cli(['--help'], tmp_path)
   assert res.returncode == 0 and 'python -m srvp_jax.benchmark --configs' in res.stdout
+
+
+def test_gpu_table_runs_valid_benchmark_commands():
+  # --gpu_table needs a GPU to run; its two stages must at least be commands the benchmark accepts.
+  for name, extra in benchmark.GPU_TABLE.items():
+    args = benchmark.parse_args(extra + ['--json', f'runs/gpu/{name}.json'])
+    assert set(args.configs) <= set(benchmark.PAPER_CONFIGS) and args.json.endswith(f'{name}.json')
