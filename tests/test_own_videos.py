@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from srvp_jax import clips
-from srvp_jax.data import store
+from srvp_jax import config as config_lib
+from srvp_jax.data import get_dataset, store
 from srvp_jax.preparation import cli
 from tests import raw_fixtures as rf
 from tests import test_data_end_to_end as e2e
@@ -129,6 +130,25 @@ def test_inspect_lists_splits_rates_and_skipped(own, capsys):
   assert 'skipped clips: 1' in out and 'short.npy: 5 frame(s)' in out
   assert 'frame rates:' in out and 'store train:' in out and 'store test:' in out
   assert 'raw clips: 6' in out
+
+
+def test_stream_exact_resume_and_processes(own):
+  """Batch k on process p is a function of (seed, k, p), as for every dataset: resuming at k gives batch k."""
+  root, _, _ = own
+  cfg = config_lib.with_overrides(**{**TINY, 'dataset': 'videos', 'nc': 3, 'data_dir': root})
+  dataset = get_dataset(cfg)
+  assert dataset.nc == 3 and len(dataset.eligible('train', TINY['seq_len'])) >= 1
+  stream = dataset.train_batches(4, seed=5)
+  first = [next(stream) for _ in range(3)]
+  stream.close()
+  resumed = dataset.train_batches(4, seed=5, start_step=2)
+  assert np.array_equal(next(resumed), first[2]) and first[0].shape == (4, TINY['seq_len'], 64, 64, 3)
+  resumed.close()
+  other = dataset.train_batches(4, seed=5, process_index=1, process_count=2)
+  assert not np.array_equal(next(other), first[0])
+  other.close()
+  val = list(dataset.val_batches(2, seed=0, n_batches=2))
+  assert all(np.array_equal(a, b) for a, b in zip(val, dataset.val_batches(2, seed=0, n_batches=2)))
 
 
 def test_split_is_stable_when_clips_are_added(tmp_path, capsys):

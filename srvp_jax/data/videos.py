@@ -10,6 +10,7 @@ paper's datasets); ``make_test_set videos`` cuts the fixed test extracts ``DIR/v
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
@@ -28,10 +29,12 @@ def test_file(data_dir: str, seq_len: int = TEST_LEN) -> str:
 
 
 def store_channels(data_dir: str) -> int | None:
-  """The channel count of the prepared store (None when no store is prepared)."""
-  if not store.has_split(data_dir, 'train'):
+  """The channel count of the prepared store's index (None when absent or unreadable: reading it says why)."""
+  try:
+    with open(os.path.join(store.split_dir(data_dir, 'train'), store.INDEX), encoding='utf-8') as f:
+      return int(json.load(f)['nc'])
+  except (OSError, ValueError, KeyError, TypeError):
     return None
-  return store.StoreVideos(data_dir, 'train').nc
 
 
 class Videos(base.ClipDataset):
