@@ -41,7 +41,7 @@ class Videos(base.ClipDataset):
   """A folder of the user's clips: 64x64 grey or RGB videos (``nc`` is the prepared store's); random clips."""
 
   name = 'videos'
-  title = 'videos'
+  title = 'user'
   nc = 3  # Until a store is prepared; then the store's.
   paper = dict(batch_size=16, seq_len=20, steps_per_s=10.0)
   official_layout = f'clips under {RAW_DIR}/, packed into the store by prepare'

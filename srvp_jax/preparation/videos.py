@@ -36,15 +36,19 @@ from srvp_jax.preparation import steps, store_writer
 
 CLIP_FILES = clips.VIDEO_EXTENSIONS + ('.gif',) + clips.ARRAY_EXTENSIONS
 MIN_FRAMES = 20  # configs/videos.py trains on 20-frame clips.
-REPORT = 'videos_prepare.json'  # In DIR/store/: the options, frame rates and skipped clips of the last prepare.
+REPORT = 'videos_prepare.json'  # In DIR/store/: the channels, options and skipped clips of the last prepare.
 TEST_SIZE = 100
 
 
 def find_clips(root: str) -> list[str]:
-  """Paths (relative to ``root``, '/'-separated, sorted) of the clips under ``root``: clip files, image folders."""
+  """Paths (relative to ``root``, '/'-separated, sorted) of the clips under ``root``: clip files, image folders.
+
+  Hidden files and folders (a leading dot) are ignored.
+  """
   found = []
   for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort(key=base.natural_key)
+    dirnames[:] = [d for d in dirnames if not d.startswith('.')]  # Hidden folders (.git, editors' caches).
+    filenames = [f for f in filenames if not f.startswith('.')]
     rel = os.path.relpath(dirpath, root).replace(os.sep, '/')
     if any(f.lower().endswith(clips.IMAGE_EXTENSIONS) for f in filenames):
       if rel == '.':
