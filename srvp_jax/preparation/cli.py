@@ -2,7 +2,7 @@
 
 - ``download``: the official download URLs (MNIST, KTH, BAIR; Human3.6M is a licensed download).
 - ``prepare``: raw data or an official layout -> the video store (KTH, Human3.6M, BAIR; your own clips: videos).
-- ``make_test_set``: the official test files (official draws, NumPy legacy seed 42).
+- ``make_test_set``: the official test files (official draws, NumPy legacy seed 42); videos: fixed test extracts.
 - ``inspect``: what a folder holds and what is missing, with the command that makes it.
 - ``throughput``: the training stream's speed in videos/s next to what a train step consumes.
 Errors are one ``error: ...`` line: exit status 2 for usage, 1 for missing or broken data.
@@ -65,9 +65,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   g.add_argument('--min_frames', type=int, default=None,
                  help=f'Skip clips shorter than this (default {videos.MIN_FRAMES}, the training length).')
   g = p.add_argument_group('make_test_set')
-  g.add_argument('--size', type=int, default=None, help='Number of test videos (official: 1000; mmnist 5000).')
+  g.add_argument('--size', type=int, default=None, help='Number of test videos (official: 1000; mmnist 5000; videos 100).')
   g.add_argument('--seq_len', type=int, default=None,
-                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100); '
+                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100; videos 20); '
                       'throughput: frames per training clip (default: the paper config).')
   g.add_argument('--seed', type=int, default=42, help='Legacy NumPy seed of the draws (42 is the official set).')
   g.add_argument('--subsampling', type=int, default=None, help='human: keep one frame in this many (official 8).')
