@@ -65,10 +65,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   g.add_argument('--min_frames', type=int, default=None,
                  help=f'Skip clips shorter than this (default {videos.MIN_FRAMES}, the training length).')
   g = p.add_argument_group('make_test_set')
-  g.add_argument('--size', type=int, default=None, help='Number of test videos (official: 1000; mmnist 5000; videos 100).')
+  g.add_argument('--size', type=int, default=None,
+                 help='Number of test videos (official: 1000; mmnist 5000; videos 100).')
   g.add_argument('--seq_len', type=int, default=None,
-                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100; videos 20); '
-                      'throughput: frames per training clip (default: the paper config).')
+                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100; '
+                      'videos 20); throughput: frames per training clip (default: the paper config).')
   g.add_argument('--seed', type=int, default=42, help='Legacy NumPy seed of the draws (42 is the official set).')
   g.add_argument('--subsampling', type=int, default=None, help='human: keep one frame in this many (official 8).')
   g.add_argument('--deterministic', action='store_true', help='mmnist: deterministic bounces (mmnist_test_...).')
