@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from srvp_jax import cli
 from srvp_jax import config as config_lib
+from srvp_jax import data
 from srvp_jax import train
 from srvp_jax.data import DataError
 
@@ -62,6 +63,11 @@ def load_config():
     # config_flags wraps whatever went wrong (file, override type) in a few layers: keep the first line.
     text = ' '.join(str(e).replace('\\n', ' ').split())
     raise cli.UsageError(f'cannot load the config: {text[:400]}') from None
+  if cfg.nc == 0 and cfg.dataset in data.DATASETS:  # nc=0: the data's channel count (configs/videos.py).
+    try:
+      cfg.nc = data.dataset_class(cfg.dataset)(cfg, cfg.data_dir).nc
+    except (DataError, OSError) as e:
+      raise cli.UsageError(str(e)) from None
   try:
     config_lib.validate(cfg)
   except config_lib.ConfigError as e:

@@ -163,12 +163,20 @@ def read(path: str, start: int = 0, stride: int = 1, n_frames: int | None = None
     clip = _array(path, key)
   else:
     raise ClipError(f'unsupported clip {path}: give {supported()}')
+  if len(clip.frames) == 0:
+    raise ClipError(f'the clip {path} has 0 frames')
   frames = clip.frames[start::stride]
   if n_frames is not None:
     frames = frames[:n_frames]
   if len(frames) == 0:
     raise ClipError(f'{path} has {len(clip.frames)} frame(s): none left from --start {start}')
   return Clip(frames, None if clip.fps is None else clip.fps / stride)
+
+
+def is_grey(frames: np.ndarray) -> bool:
+  """Whether uint8 (T, H, W, C) frames are grey: one channel, or three equal ones (a grey video decoded as RGB)."""
+  return frames.shape[-1] == 1 or bool(np.array_equal(frames[..., 0], frames[..., 1]) and
+                                       np.array_equal(frames[..., 0], frames[..., 2]))
 
 
 def fit(frames: np.ndarray, nc: int, mode: str = 'crop') -> np.ndarray:

@@ -69,11 +69,12 @@ PAPER_TEST = {
     'kth': dict(nt_gen=40, n_samples=100, checkpoint='best'),
     'human': dict(nt_gen=53, n_samples=100, checkpoint='best'),
     'bair': dict(nt_gen=30, n_samples=100, checkpoint='latest'),
+    'videos': dict(nt_gen=20, n_samples=100, checkpoint='best'),  # Your own videos (configs/videos.py).
 }
 
 MODEL_KEYS = ('nx', 'nc', 'nf', 'nhx', 'ny', 'nz', 'skipco', 'nt_inf', 'nh_inf', 'nlayers_inf', 'nh_res',
               'nlayers_res', 'archi')
-DATASETS = ('smmnist', 'mmnist', 'kth', 'human', 'bair')
+DATASETS = ('smmnist', 'mmnist', 'kth', 'human', 'bair', 'videos')
 ARCHITECTURES = ('dcgan', 'vgg')
 PRECISIONS = ('float32', 'tensorfloat32')
 
@@ -130,7 +131,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     raise ConfigError(f"nx={cfg['nx']}: only {FRAME_SIZE}x{FRAME_SIZE} frames are supported (the official "
                       'architectures are 64x64)')
   if cfg['nc'] not in (1, 3):
-    raise ConfigError(f"nc={cfg['nc']}: frames must have 1 or 3 channels")
+    raise ConfigError(f"nc={cfg['nc']}: frames must have 1 or 3 channels" +
+                      (' (nc=0, the data\'s, is resolved by launch.py)' if cfg['nc'] == 0 else ''))
   for key in ('nf', 'nhx', 'ny', 'nz', 'nt_inf', 'nh_inf', 'nh_res', 'n_euler_steps', 'batch_size'):
     if int(cfg[key]) < 1:
       raise ConfigError(f'{key}={cfg[key]} must be a positive integer')

@@ -20,7 +20,7 @@ class DataError(ValueError):
 
 # Dataset name (config and CLI) -> (module, class).
 DATASETS = {'smmnist': ('mmnist', 'MovingMnist'), 'mmnist': ('mmnist', 'MovingMnist'), 'kth': ('kth', 'KTH'),
-            'human': ('human', 'Human'), 'bair': ('bair', 'BAIR')}
+            'human': ('human', 'Human'), 'bair': ('bair', 'BAIR'), 'videos': ('videos', 'Videos')}
 
 
 def dataset_class(name: str):

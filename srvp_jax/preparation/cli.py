@@ -1,8 +1,8 @@
 """The data CLI: ``python -m srvp_jax.data {download,prepare,make_test_set,inspect,throughput} DATASET --data_dir DIR``.
 
 - ``download``: the official download URLs (MNIST, KTH, BAIR; Human3.6M is a licensed download).
-- ``prepare``: raw data or an official layout -> the video store (KTH, Human3.6M, BAIR).
-- ``make_test_set``: the official test files (official draws, NumPy legacy seed 42).
+- ``prepare``: raw data or an official layout -> the video store (KTH, Human3.6M, BAIR; your own clips: videos).
+- ``make_test_set``: the official test files (official draws, NumPy legacy seed 42); videos: fixed test extracts.
 - ``inspect``: what a folder holds and what is missing, with the command that makes it.
 - ``throughput``: the training stream's speed in videos/s next to what a train step consumes.
 Errors are one ``error: ...`` line: exit status 2 for usage, 1 for missing or broken data.
@@ -20,14 +20,17 @@ import numpy as np
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax.data import base, store
-from srvp_jax.preparation import bair, human, kth, mmnist, store_writer
+from srvp_jax import clips
+from srvp_jax.preparation import bair, human, kth, mmnist, store_writer, videos
 
 COMMANDS = ('download', 'prepare', 'make_test_set', 'inspect', 'throughput')
-DATASETS = {'mmnist': mmnist.MovingMnist, 'kth': kth.KTH, 'human': human.Human, 'bair': bair.BAIR}
+DATASETS = {'mmnist': mmnist.MovingMnist, 'kth': kth.KTH, 'human': human.Human, 'bair': bair.BAIR,
+            'videos': videos.Videos}
+VIDEO_OPTIONS = ('channels', 'fit', 'fps', 'stride', 'test_fraction', 'min_frames')  # prepare videos.
 NAMES = tuple(DATASETS)  # 'smmnist' is accepted as 'mmnist'.
 DIGIT_SOURCES = ('auto', 'idx', 'tfds', 'standin')
 # Synthetic stores of the real shapes for ``throughput --synthetic N``: frames per video (low, high).
-SYNTHETIC_LENGTHS = {'kth': (250, 750), 'human': (1500, 4500), 'bair': (30, 30)}
+SYNTHETIC_LENGTHS = {'kth': (250, 750), 'human': (1500, 4500), 'bair': (30, 30), 'videos': (50, 500)}
 
 EXAMPLES = '''examples:
   python -m srvp_jax.data download kth --data_dir data/kth
@@ -35,6 +38,7 @@ EXAMPLES = '''examples:
   python -m srvp_jax.data make_test_set kth --data_dir data/kth
   python -m srvp_jax.data make_test_set mmnist --data_dir data/mnist --deterministic
   python -m srvp_jax.data inspect bair --data_dir data/bair
+  python -m srvp_jax.data prepare videos --data_dir data/mine --fps 10
   python -m srvp_jax.data throughput bair --data_dir data/bair --batch 192 --steps_per_s 10
   python -m srvp_jax.data throughput bair --data_dir /tmp/synthetic --synthetic 2000'''
 
@@ -50,11 +54,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--force', action='store_true', help='prepare: rebuild an existing store.')
   p.add_argument('--tfds_data_dir', default=None, metavar='D', help='prepare bair --source tfds: TFDS data folder.')
   p.add_argument('--no_progress', action='store_true', help='Hide progress bars.')
+  g = p.add_argument_group('prepare videos (your clips under DIR/raw/)')
+  g.add_argument('--channels', type=int, choices=(1, 3), default=None,
+                 help='Grey (1) or RGB (3) frames (default: 3 unless every clip is grey).')
+  g.add_argument('--fit', choices=clips.FITS, default=None, help='Centred square crop (default) or stretch to 64x64.')
+  g.add_argument('--fps', type=float, default=None, help='Resample every clip to this frame rate (read from the file).')
+  g.add_argument('--stride', type=int, default=None, help='Keep one frame in this many (instead of --fps).')
+  g.add_argument('--test_fraction', type=float, default=None,
+                 help='Share of clips in the test split, drawn by a hash of their path (default 0.1).')
+  g.add_argument('--min_frames', type=int, default=None,
+                 help=f'Skip clips shorter than this (default {videos.MIN_FRAMES}, the training length).')
   g = p.add_argument_group('make_test_set')
-  g.add_argument('--size', type=int, default=None, help='Number of test videos (official: 1000; mmnist 5000).')
+  g.add_argument('--size', type=int, default=None,
+                 help='Number of test videos (official: 1000; mmnist 5000; videos 100).')
   g.add_argument('--seq_len', type=int, default=None,
-                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100); '
-                      'throughput: frames per training clip (default: the paper config).')
+                 help='Frames per test video (official: kth 40, human 53, smmnist 25, deterministic mmnist 100; '
+                      'videos 20); throughput: frames per training clip (default: the paper config).')
   g.add_argument('--seed', type=int, default=42, help='Legacy NumPy seed of the draws (42 is the official set).')
   g.add_argument('--subsampling', type=int, default=None, help='human: keep one frame in this many (official 8).')
   g.add_argument('--deterministic', action='store_true', help='mmnist: deterministic bounces (mmnist_test_...).')
@@ -94,8 +109,15 @@ def _usage_error(args) -> str | None:
   if (args.deterministic or args.ndigits != 2 or args.max_speed != 4) and name != 'mmnist':
     return '--deterministic, --ndigits and --max_speed apply to mmnist only'
   if args.synthetic and (cmd != 'throughput' or name == 'mmnist'):
-    return '--synthetic applies to throughput of kth, human or bair'
-  for flag in ('size', 'seq_len', 'batch', 'steps_per_s', 'subsampling'):
+    return '--synthetic applies to throughput of kth, human, bair or videos'
+  given = [f'--{k}' for k in VIDEO_OPTIONS if getattr(args, k) is not None]
+  if given and (cmd, name) != ('prepare', 'videos'):
+    return f'{", ".join(given)} appl{"ies" if len(given) == 1 else "y"} to prepare videos only'
+  if args.fps is not None and args.stride is not None:
+    return '--fps and --stride both resample in time: give one'
+  if args.test_fraction is not None and not 0 <= args.test_fraction < 1:
+    return '--test_fraction must be in [0, 1)'
+  for flag in ('size', 'seq_len', 'batch', 'steps_per_s', 'subsampling', 'fps', 'stride', 'min_frames'):
     value = getattr(args, flag)
     if value is not None and value <= 0:
       return f'--{flag} must be positive'
@@ -106,7 +128,8 @@ def _config(args, **overrides):
   """A config of the dataset (the CLI's steps need its data settings only)."""
   cls = DATASETS[args.dataset]
   cfg = config_lib.default_config()
-  cfg.update(dict(dataset='smmnist' if args.dataset == 'mmnist' else args.dataset, data_dir=args.data_dir, nc=cls.nc,
+  cfg.update(dict(dataset='smmnist' if args.dataset == 'mmnist' else args.dataset, data_dir=args.data_dir,
+                  nc=cls(None, args.data_dir).nc,
                   nt_inf=1, deterministic=bool(args.deterministic), ndigits=int(args.ndigits),
                   max_speed=int(args.max_speed), subsampling=int(args.subsampling or 8),
                   digits_source=args.source if args.dataset == 'mmnist' and args.source else 'auto'))
@@ -117,6 +140,8 @@ def _config(args, **overrides):
 def run(args) -> list[str]:
   """Runs one command; returns the lines to print."""
   cls = DATASETS[args.dataset]
+  if os.path.isfile(args.data_dir):
+    raise NotADirectoryError(f'--data_dir {args.data_dir} is a file, not a folder: give the folder of the dataset')
   if args.command == 'throughput':
     return throughput(args)
   dataset = cls(_config(args), args.data_dir)
@@ -126,9 +151,9 @@ def run(args) -> list[str]:
             f'`{base.command("prepare", args.dataset, args.data_dir)}`']
   if args.command == 'prepare':
     if not os.path.isdir(args.data_dir):
-      raise FileNotFoundError(f'data folder {args.data_dir} not found; get the data with '
-                              f'`{base.command("download", args.dataset, args.data_dir)}`')
+      raise FileNotFoundError(dataset.missing_data_dir())
     kwargs = {'tfds_data_dir': args.tfds_data_dir} if args.tfds_data_dir else {}
+    kwargs.update({k: getattr(args, k) for k in VIDEO_OPTIONS if getattr(args, k) is not None})
     return dataset.prepare(args.source or 'auto', force=args.force, progress=not args.no_progress, **kwargs)
   if args.command == 'make_test_set':
     options = {k: getattr(args, k) for k in ('size', 'seq_len', 'subsampling') if getattr(args, k) is not None}

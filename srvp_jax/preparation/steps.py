@@ -68,6 +68,10 @@ class Preparation(abc.ABC):
   def prepare(self, source: str = 'auto', force: bool = False, progress: bool = True) -> list[str]:
     """Turns raw data or an official layout into what training reads; returns the lines to print."""
 
+  def missing_data_dir(self) -> str:
+    """One line: ``data_dir`` does not exist, and how to fill it."""
+    return f'data folder {self.data_dir} not found; get the data with `{command("download", self.name, self.data_dir)}`'
+
   @abc.abstractmethod
   def make_test_set(self, **options) -> str:
     """Writes the official test file(s) with the official draws; returns the path."""
