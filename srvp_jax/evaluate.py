@@ -238,8 +238,8 @@ def _main(argv: Sequence[str] | None) -> int:
   n_euler = int(args.n_euler_steps or cfg.n_euler_steps)
   nt_pred = nt_gen - nt_cond
   batch_size = min(args.batch_size, len(videos))
-  print(f'Evaluating {args.ckpt_dir} ({setup["which"]}, step {setup["step"]}) on {len(videos)} {cfg.dataset} test '
-        f'videos: {nt_cond} conditioning + {nt_pred} predicted frames, best of {n_samples} samples, {n_euler} Euler '
+  print(f'Evaluating {args.ckpt_dir} ({setup["which"]}, step {setup["step"]}) on {len(videos)} test '
+        f'videos of {cfg.dataset}: {nt_cond} conditioning + {nt_pred} predicted frames, best of {n_samples} samples, {n_euler} Euler '
         f'step(s) per predicted frame ({cfg.n_euler_steps} over the conditioning frames, as trained), '
         f'{len(jax.devices())} {jax.devices()[0].platform} device(s)', file=sys.stderr)
   try:
