@@ -260,13 +260,23 @@ class BestOfN:
                          selection.init_state(names, len(ids), payload_shape, payload_dtype))
     out = {'per_frame': {m: [] for m in names}, 'select': {m: [] for m in names}, 'random': []}
     n_random = min(5, n_samples)
-    for c in range(-(-n_samples // chunk)):
-      sample_ids = np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32)
-      res = self.fn(tuple(states), key_data, x, ids, sample_ids, np.int32(n_samples))
+    n_chunks = -(-n_samples // chunk)
+    launch = lambda c: self.fn(tuple(states), key_data, x, ids, np.arange(c * chunk, (c + 1) * chunk, dtype=np.int32),
+                               np.int32(n_samples))
+    lpips_target = None
+    if lpips_fn is not None:
+      # The target frames' side of LPIPS once per batch when the metric can keep it (every sample shares it).
+      lpips_target = host_x[:, p.nt_cond:]
+      lpips_target = lpips_fn.features(lpips_target) if hasattr(lpips_fn, 'features') else lpips_target
+    pending = launch(0)
+    for c in range(n_chunks):
+      res = pending
+      if c + 1 < n_chunks:  # Queued before LPIPS (torch) waits on this chunk, so both run at once.
+        pending = launch(c + 1)
       if lpips_fn is not None:
         n_valid = min(chunk, n_samples - c * chunk)
         pred = res['x_pred'][:n_valid]
-        target = jnp.broadcast_to(host_x[None, :, p.nt_cond:], pred.shape)
+        target = lpips_target if hasattr(lpips_fn, 'features') else jnp.broadcast_to(lpips_target[None], pred.shape)
         values = jnp.asarray(lpips_fn(pred, target), jnp.float32)
         res['lpips'] = jnp.pad(values, ((0, chunk - n_valid), (0, 0), (0, 0)), constant_values=jnp.nan)
         res['select_lpips'] = jnp.mean(res['lpips'], axis=-1)
