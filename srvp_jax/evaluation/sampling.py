@@ -36,7 +36,8 @@ DEVICE_MEMORY_FRACTION = 0.5  # Of the accelerator's free memory, for one chunk'
 HOST_MEMORY_FRACTION = 0.25  # Of the host's available memory, on CPU ...
 # ... and at most this working set per chunk: CPU throughput falls once a chunk outgrows the caches (measured,
 # Moving MNIST model, batch 4, 2 cores: chunks of 1 / 2 / 5 / 20 samples (43 MiB each) ran 360 / 390 / 333 / 297
-# predicted frames/s).
+# predicted frames/s; with the oneDNN convolutions, batch 16, PSNR + SSIM: chunks of 1 / 2 / 4 / 8 samples ran
+# 0.65 / 0.65 / 0.62 / 0.66 s per sample, flat within the host's noise, so the rule stands).
 CPU_CHUNK_BYTES = 128 << 20
 PROBE_SAMPLES = 4  # Samples per chunk of the program whose memory analysis sizes the chunks.
 
@@ -235,6 +236,8 @@ class BestOfN:
     or for select_on='all' the kept sample's PSNR over the predicted frames}, 'per_frame' {metric: list
     of (K, B, nt_pred) per chunk}, 'select' {metric: list of (K, B)}, 'random' (the first 5 samples'
     uint8 videos) and 'cond_rec'. The batch is padded to the mesh (results keep the padding rows).
+    ``lpips_fn(pred, target)``: per-frame LPIPS; when it has ``features(frames)`` (``hooks.LpipsOnFrames``),
+    the target frames' side is computed once per batch and passed as ``target``.
     """
     p = self.protocol
     b = len(video_ids)
