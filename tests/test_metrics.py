@@ -183,6 +183,25 @@ def test_lpips_missing_backbone_is_one_line_error(tmp_path, monkeypatch):
   lpips_bridge.LPIPS(allow_random_backbone=True, device='cpu')  # explicit opt-in only
 
 
+def test_lpips_target_features_match_lpips_forward():
+  """Distances against a broadcast target or its features, in odd frame batches, equal lpips' own forward."""
+  torch = pytest.importorskip('torch')
+  pytest.importorskip('lpips')
+  from srvp_jax.metrics import lpips_bridge
+  torch.manual_seed(0)
+  model = lpips_bridge.LPIPS(allow_random_backbone=True, device='cpu', batch_size=7)
+  rng = np.random.default_rng(0)
+  pred = rng.random((3, 2, 4, 32, 32, 1), np.float32)
+  target = rng.random((2, 4, 32, 32, 1), np.float32)
+  to_torch = lambda a: torch.from_numpy(a.reshape(-1, 32, 32, 1)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1) * 2 - 1
+  with torch.no_grad():
+    ref = model.model(to_torch(np.broadcast_to(target, pred.shape).copy()), to_torch(pred)).reshape(3, 2, 4).numpy()
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(pred), jnp.asarray(target))), ref, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(pred), model.features(target))), ref, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match='shapes differ'):
+    model(jnp.asarray(pred), model.features(target[:, :3]))
+
+
 def test_lpips_refuses_to_import_torchvision_after_tensorflow(monkeypatch):
   from srvp_jax.metrics import lpips_bridge
   monkeypatch.setitem(sys.modules, 'tensorflow', object())

@@ -51,6 +51,10 @@ class LpipsOnFrames:
     except ValueError as e:
       raise LearnedMetricError(str(e)) from None
 
+  def features(self, frames):
+    """The target side of distances computed once (``lpips_bridge.LPIPS.features``)."""
+    return self.model.features(frames)
+
   def __call__(self, pred, target):
     return self.model(pred, target)
 

@@ -8,6 +8,7 @@ torchvision downloads; offline we read it from torchvision's cache
 lpips are imported lazily so that `srvp_jax.metrics` imports without them.
 """
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -124,23 +125,63 @@ class LPIPS:
       tensor = tensor.expand(-1, 3, -1, -1)
     return 2. * tensor - 1.
 
-  def __call__(self, pred, target):
-    """LPIPS distance per frame between pred and target, (..., H, W, C) -> (...)."""
-    import jax.numpy as jnp
+  def features(self, frames):
+    """LPIPS' unit-normalised AlexNet features of frames (..., H, W, C) in [0, 1], as a ``Features``.
+
+    One side of a distance: a target scored against many predictions (the samples of best-of-N) has its
+    features computed once and passed to ``__call__`` in place of the frames.
+    """
+    import lpips
     import torch
-    if pred.shape != target.shape:
-      raise ValueError(f'pred and target shapes differ: {pred.shape} vs {target.shape}')
+    lead, frame = frames.shape[:-3], frames.shape[-3:]
+    flat = frames.reshape((-1,) + frame)
+    layers = []
+    with torch.inference_mode():
+      for start in range(0, flat.shape[0], self.batch_size):
+        outs = self.model.net(self.model.scaling_layer(self._to_torch(flat[start:start + self.batch_size])))
+        layers.append([lpips.normalize_tensor(o) for o in outs])
+    return Features(tuple(lead), tuple(frame), [torch.cat(per_layer) for per_layer in zip(*layers)])
+
+  def __call__(self, pred, target):
+    """LPIPS distance per frame between pred and target, (..., H, W, C) -> (...).
+
+    ``target``: frames shaped as ``pred`` or as a suffix of it (broadcast over pred's leading axes), or
+    their ``features``. The same computation as ``lpips.LPIPS.forward`` (distance(target, pred), as the
+    official evaluation orders it), up to float rounding.
+    """
+    import jax.numpy as jnp
+    import lpips
+    import torch
     if pred.ndim < 3 or pred.shape[-1] not in (1, 3):
       raise ValueError(f'expected frames shaped (..., H, W, C) with C in (1, 3), got {pred.shape}')
+    if not isinstance(target, Features):
+      if tuple(pred.shape[pred.ndim - target.ndim:]) != tuple(target.shape):
+        raise ValueError(f'pred and target shapes differ: {pred.shape} vs {target.shape}')
+      target = self.features(target)
+    t_shape = target.lead + target.frame
+    if tuple(pred.shape[pred.ndim - len(t_shape):]) != t_shape:
+      raise ValueError(f'pred and target shapes differ: {pred.shape} vs {t_shape}')
     lead, frame = pred.shape[:-3], pred.shape[-3:]
     pred = pred.reshape((-1,) + frame)
-    target = target.reshape((-1,) + frame)
+    n_target = target.layers[0].shape[0]
     out = []
-    with torch.no_grad():
+    with torch.inference_mode():
       for start in range(0, pred.shape[0], self.batch_size):
         p = self._to_torch(pred[start:start + self.batch_size])
-        t = self._to_torch(target[start:start + self.batch_size])
-        # Official order: distance(target, pred); LPIPS is symmetric up to round-off.
-        out.append(self.model(t, p).reshape(-1).cpu().numpy())
+        index = torch.arange(start, start + p.shape[0], device=self.device) % n_target
+        outs = self.model.net(self.model.scaling_layer(p))
+        value = 0
+        for lin, t_feat, p_out in zip(self.model.lins, target.layers, outs):
+          diff = (t_feat.index_select(0, index) - lpips.normalize_tensor(p_out)) ** 2
+          value = value + lin(diff).mean([2, 3], keepdim=True)
+        out.append(value.reshape(-1).cpu().numpy())
     values = np.concatenate(out) if out else np.zeros((0,), np.float32)
     return jnp.asarray(values.reshape(lead))
+
+
+@dataclasses.dataclass
+class Features:
+  """``LPIPS.features`` of frames (lead + frame shape): per AlexNet layer, (N, C, h, w) unit-normalised."""
+  lead: tuple
+  frame: tuple
+  layers: list
