@@ -196,13 +196,7 @@ class KTH(steps.ClipPreparation, kth.KTH):
   def inspect(self):
     lines = super().inspect()
     files = sorted(f for f in os.listdir(self.data_dir) if f.startswith('svg_test_set_') and f.endswith('.npz'))
-    for f in files:
-      try:
-        with np.load(os.path.join(self.data_dir, f), allow_pickle=True) as data:
-          shape = data['sequences'].shape
-        lines.append(f'test set {f}: {shape[0]} extracts of {shape[1]} frames')
-      except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-        lines.append(f'test set {f}: BROKEN: {e}')
+    lines.extend(steps.test_set_line(self.data_dir, f, allow_pickle=True) for f in files)
     if f'svg_test_set_{TEST_LEN}.npz' not in files:
       lines.append(f'test set svg_test_set_{TEST_LEN}.npz: missing; make it with '
                    f'`{base.command("make_test_set", "kth", self.data_dir)}`')

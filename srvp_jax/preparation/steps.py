@@ -18,7 +18,10 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+import zipfile
 from typing import Iterator
+
+import numpy as np
 
 from tqdm import tqdm
 
@@ -42,6 +45,16 @@ def download_file(url: str, dest: str) -> None:
     raise RuntimeError(f'cannot download {url} ({e}); get it on a machine with internet access and put it at {dest}') \
         from None
   os.replace(tmp, dest)
+
+
+def test_set_line(data_dir: str, name: str, allow_pickle: bool = False) -> str:
+  """``inspect``'s line for the test-set file ``name`` of ``data_dir``: its extracts and frames, or BROKEN."""
+  try:
+    with np.load(os.path.join(data_dir, name), allow_pickle=allow_pickle) as data:
+      shape = data['sequences'].shape
+    return f'test set {name}: {shape[0]} extracts of {shape[1]} frames'
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    return f'test set {name}: BROKEN: {e}'
 
 
 def progress_bar(total: int | None, desc: str, enabled: bool = True):

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import shutil
-import zipfile
 from typing import Iterator
 
 import numpy as np
@@ -248,12 +247,7 @@ class Videos(steps.ClipPreparation, videos.Videos):
       lines.extend(f'  {s["name"]}: {s["frames"]} frame(s)' for s in skipped)
     for name in sorted(os.listdir(self.data_dir)):
       if name.startswith('videos_test_set_') and name.endswith('.npz'):
-        try:
-          with np.load(os.path.join(self.data_dir, name), allow_pickle=False) as data:
-            shape = data['sequences'].shape
-          lines.append(f'test set {name}: {shape[0]} extracts of {shape[1]} frames')
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-          lines.append(f'test set {name}: BROKEN: {e}')
+        lines.append(steps.test_set_line(self.data_dir, name))
     root = os.path.join(self.data_dir, RAW_DIR)
     try:
       lines.append(f'raw clips: {len(find_clips(root))} under {root}' if os.path.isdir(root) else
