@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from typing import Any, Mapping
 
 import ml_collections
+import numpy as np
 
 FRAME_SIZE = 64  # Frames are FRAME_SIZE x FRAME_SIZE: the official encoders and decoders are for 64x64 frames.
 
@@ -102,6 +104,9 @@ def _defaults_with(overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
   unknown = sorted(set(overrides) - set(cfg.keys()))
   if unknown:
     raise ConfigError(f'unknown config key(s) {unknown}')
+  problems = _type_problems(overrides)
+  if problems:  # ConfigDict would raise a TypeError naming its internals.
+    raise ConfigError('; '.join(problems))
   cfg.update(overrides)
   return cfg
 
@@ -120,51 +125,161 @@ def with_overrides(**overrides) -> ml_collections.ConfigDict:
 
 
 def validate(cfg: Mapping[str, Any]) -> None:
-  """One-line, actionable errors for configurations the model cannot run."""
+  """Refuses a configuration the model cannot run, before anything is written (``launch.py`` calls it first).
+
+  Every key is checked against its type and valid range (``_type_problems``, ``_range_problems``), and the keys
+  that constrain each other (``_relation_problems``: nt_inf <= nt_cond < the validation length, the test
+  protocol's lengths, a schedule of at least one step, the multi-process keys, the Moving MNIST keys). Every
+  violation is reported, each naming its keys and a valid choice, in one ConfigError (one line). What depends on
+  the machine or the data (batch sizes vs devices, clip lengths vs videos) is checked at start-up, also before
+  anything is written.
+  """
   known = set(OFFICIAL_DEFAULTS) | set(EXTRA_DEFAULTS)
   unknown = sorted(set(cfg.keys()) - known)
   if unknown:
     raise ConfigError('; '.join(did_you_mean(k) for k in unknown))
-  if cfg['archi'] not in ARCHITECTURES:
-    raise ConfigError(f"unknown architecture archi={cfg['archi']!r}; expected one of {ARCHITECTURES}")
+  values = {**OFFICIAL_DEFAULTS, **EXTRA_DEFAULTS, **{k: cfg[k] for k in cfg.keys()}}
+  problems = _type_problems(values)
+  if not problems:  # Ranges and relations read the keys as numbers and strings: once the types are right.
+    problems = _range_problems(values) + _relation_problems(values)
+  if problems:
+    raise ConfigError('; '.join(problems))
+
+
+DIGIT_SOURCES = ('auto', 'idx', 'tfds', 'standin')  # Moving MNIST digits (``srvp_jax.data.mnist``).
+SEED_LIMIT = 2 ** 32  # Seeds are 32-bit: JAX keys and NumPy generators are seeded with seed, seed + 1, seed + 2.
+# Integer keys by smallest valid value (a few have their own rule in ``_range_problems``).
+_POSITIVE = ('nf', 'nhx', 'ny', 'nz', 'nt_inf', 'nh_inf', 'nh_res', 'n_euler_steps', 'batch_size', 'ndigits',
+             'subsampling', 'val_interval', 'batch_size_test', 'n_iter_test', 'nt_cond', 'n_samples_test',
+             'keep_checkpoints', 'log_interval', 'n_val_videos_gif', 'num_data_workers', 'val_sample_chunk')
+_NON_NEGATIVE = {  # key -> what 0 means.
+    'lr_scheduling_burnin': 'no constant-rate steps', 'lr_scheduling_n_iter': 'no decay steps',
+    'max_speed': 'still digits', 'chkpt_interval': 'at each validation', 'seq_len_test': 'seq_len',
+    'keep_period': 'none kept', 'profile_steps': 'off', 'num_processes': 'from the environment',
+    'num_data_processes': 'threads only', 'test_nt_cond': 'nt_cond', 'test_nt_gen': "the paper's",
+    'test_n_samples': "the paper's"}
+_MIN_2 = ('nlayers_inf', 'nlayers_res')  # An MLP has at least its input and output layers.
+_POSITIVE_FLOATS = ('lr', 'obs_scale', 'res_gain')
+_NON_NEGATIVE_FLOATS = ('beta_y', 'beta_z', 'l2_res')
+_CHOICES = {'archi': ARCHITECTURES, 'dataset': DATASETS, 'compute_dtype': ('float32', 'bfloat16'),
+            'precision': PRECISIONS, 'param_dtype': ('float32', 'float64'), 'digits_source': DIGIT_SOURCES,
+            'test_checkpoint': ('', 'latest', 'best')}
+
+
+def _type_problems(cfg: Mapping[str, Any]) -> list[str]:
+  """Each key given in ``cfg`` whose value is not of the type of its default (an int is a valid float)."""
+  problems = []
+  for key, default in {**OFFICIAL_DEFAULTS, **EXTRA_DEFAULTS}.items():
+    if key not in cfg:
+      continue
+    value = cfg[key]
+    if isinstance(default, bool):
+      if not isinstance(value, (bool, np.bool_)):
+        problems.append(f'{key}={value!r}: expected True or False')
+    elif isinstance(default, int):
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        problems.append(f'{key}={value!r}: expected an integer')
+    elif isinstance(default, float):
+      if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        problems.append(f'{key}={value!r}: expected a number')
+    elif not isinstance(value, str):
+      problems.append(f'{key}={value!r}: expected a string')
+  return problems
+
+
+def _range_problems(cfg: Mapping[str, Any]) -> list[str]:
+  """Each key on its own (of the right type): its valid range or choices."""
+  problems = []
+  for key in _POSITIVE:
+    if cfg[key] < 1:
+      problems.append(f'{key}={cfg[key]} must be a positive integer')
+  for key, zero in _NON_NEGATIVE.items():
+    if cfg[key] < 0:
+      problems.append(f'{key}={cfg[key]} must be >= 0 (0: {zero})')
+  for key in _MIN_2:
+    if cfg[key] < 2:
+      problems.append(f'{key}={cfg[key]}: an MLP needs at least 2 layers; use {key} >= 2')
+  for key in _POSITIVE_FLOATS:
+    if not (math.isfinite(cfg[key]) and cfg[key] > 0):
+      problems.append(f'{key}={cfg[key]} must be a finite number > 0')
+  for key in _NON_NEGATIVE_FLOATS:
+    if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
+      problems.append(f'{key}={cfg[key]} must be a finite number >= 0')
+  for key, choices in _CHOICES.items():
+    if cfg[key] not in choices:
+      what = {'archi': 'unknown architecture ', 'dataset': 'unknown '}.get(key, '')
+      problems.append(f'{what}{key}={cfg[key]!r}; expected one of {choices}' + (
+          ' (float32 convolutions and matrix products; bfloat16 compute is compute_dtype=bfloat16)'
+          if key == 'precision' else " (float64 needs jax_enable_x64)" if key == 'param_dtype' else ''))
   if cfg['nx'] != FRAME_SIZE:
-    raise ConfigError(f"nx={cfg['nx']}: only {FRAME_SIZE}x{FRAME_SIZE} frames are supported (the official "
-                      'architectures are 64x64)')
+    problems.append(f"nx={cfg['nx']}: only {FRAME_SIZE}x{FRAME_SIZE} frames are supported (the official "
+                    f'architectures are 64x64); use nx={FRAME_SIZE}')
   if cfg['nc'] not in (1, 3):
-    raise ConfigError(f"nc={cfg['nc']}: frames must have 1 or 3 channels" +
-                      (' (nc=0, the data\'s, is resolved by launch.py)' if cfg['nc'] == 0 else ''))
-  for key in ('nf', 'nhx', 'ny', 'nz', 'nt_inf', 'nh_inf', 'nh_res', 'n_euler_steps', 'batch_size'):
-    if int(cfg[key]) < 1:
-      raise ConfigError(f'{key}={cfg[key]} must be a positive integer')
-  for key in ('nlayers_inf', 'nlayers_res'):
-    if int(cfg[key]) < 2:
-      raise ConfigError(f'{key}={cfg[key]}: an MLP needs at least 2 layers')
-  if cfg['compute_dtype'] not in ('float32', 'bfloat16'):
-    raise ConfigError(f"compute_dtype={cfg['compute_dtype']!r}: expected 'float32' or 'bfloat16'")
-  if cfg.get('precision', 'float32') not in PRECISIONS:
-    raise ConfigError(f"precision={cfg['precision']!r}: expected one of {PRECISIONS} (float32 convolutions and "
-                      'matrix products; bfloat16 compute is compute_dtype=bfloat16)')
-  if cfg['param_dtype'] not in ('float32', 'float64'):
-    raise ConfigError(f"param_dtype={cfg['param_dtype']!r}: expected 'float32' or 'float64' (float64 needs "
-                      'jax_enable_x64)')
-  if cfg['dataset'] not in DATASETS:
-    raise ConfigError(f"unknown dataset={cfg['dataset']!r}; expected one of {DATASETS}")
-  for key in ('val_interval', 'log_interval', 'keep_checkpoints', 'batch_size_test', 'n_iter_test', 'n_samples_test',
-              'val_sample_chunk'):
-    if int(cfg[key]) < 1:
-      raise ConfigError(f'{key}={cfg[key]} must be a positive integer')
-  for key in ('chkpt_interval', 'keep_period', 'profile_steps', 'num_processes'):
-    if int(cfg[key]) < 0:
-      raise ConfigError(f'{key}={cfg[key]} must be 0 (off) or a positive integer')
-  if cfg['seq_len'] < cfg['nt_inf']:
-    raise ConfigError(f"seq_len={cfg['seq_len']} is shorter than nt_inf={cfg['nt_inf']}")
-  for key in ('test_nt_cond', 'test_nt_gen', 'test_n_samples'):
-    if int(cfg.get(key, 0)) < 0:
-      raise ConfigError(f'{key}={cfg[key]} must be >= 0 (0: the paper\'s value for the dataset)')
-  if not isinstance(cfg.get('val_resample', False), bool):
-    raise ConfigError(f"val_resample={cfg['val_resample']!r}: expected True or False")
-  if cfg.get('test_checkpoint', '') not in ('', 'latest', 'best'):
-    raise ConfigError(f"test_checkpoint={cfg['test_checkpoint']!r}: expected 'latest' or 'best'")
+    problems.append(f"nc={cfg['nc']}: frames must have 1 or 3 channels" +
+                    (' (nc=0, the data\'s, is resolved by launch.py)' if cfg['nc'] == 0 else ''))
+  if cfg['seq_len'] < 2:
+    problems.append(f"seq_len={cfg['seq_len']}: a training clip needs at least 2 frames (the dynamics run "
+                    'between frames); use seq_len >= 2')
+  if not 0 <= cfg['seed'] < SEED_LIMIT:
+    problems.append(f"seed={cfg['seed']} must be in [0, 2**32) (a 32-bit seed), e.g. seed=0")
+  if cfg['process_id'] < -1:
+    problems.append(f"process_id={cfg['process_id']} must be >= 0, or -1 (from the environment)")
+  if cfg['mesh_data_axis'] == 0 or cfg['mesh_data_axis'] < -1:
+    problems.append(f"mesh_data_axis={cfg['mesh_data_axis']} must be a positive device count, or -1 (all devices)")
+  address = cfg['coordinator_address']
+  host, _, port = address.rpartition(':')
+  if address and not (host and port.isdigit() and 0 < int(port) < 65536):
+    problems.append(f'coordinator_address={address!r}: expected HOST:PORT (e.g. 10.0.0.1:1234), or \'\' (from '
+                    'the environment)')
+  return problems
+
+
+def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
+  """The keys that constrain each other (each one already valid on its own)."""
+  problems = []
+  nt_inf, nt_cond, seq_len = cfg['nt_inf'], cfg['nt_cond'], cfg['seq_len']
+  if seq_len < nt_inf:
+    problems.append(f'seq_len={seq_len} is shorter than nt_inf={nt_inf}: y_1 and w are inferred from nt_inf '
+                    f'frames of each training clip; use seq_len >= {nt_inf} or a smaller nt_inf')
+  if nt_cond < nt_inf:
+    problems.append(f'nt_cond={nt_cond} is smaller than nt_inf={nt_inf}: a prediction infers y_1 and w from nt_inf '
+                    f'of the nt_cond given frames; use nt_cond >= {nt_inf} or a smaller nt_inf')
+  val_len = seq_len_test(cfg)
+  if val_len <= nt_cond:
+    lengths = (f"seq_len_test={val_len}" if cfg['seq_len_test'] else
+               f'seq_len={val_len} (the validation length while seq_len_test=0)')
+    problems.append(f'{lengths} leaves no frame to predict after nt_cond={nt_cond} conditioning frames: use '
+                    f'seq_len_test >= {nt_cond + 1} or a smaller nt_cond')
+  protocol = test_protocol(cfg) if cfg['dataset'] in DATASETS else None  # An unknown dataset has no paper protocol.
+  test_cond = ('test_nt_cond' if cfg['test_nt_cond'] else 'nt_cond') + f"={protocol and protocol['nt_cond']}"
+  if protocol and protocol['nt_cond'] < nt_inf and cfg['test_nt_cond']:
+    problems.append(f'{test_cond} (the test conditioning frames) is smaller than nt_inf={nt_inf}; use '
+                    f'test_nt_cond >= {nt_inf}, or 0 (nt_cond)')
+  if protocol and protocol['nt_gen'] <= protocol['nt_cond']:
+    test_gen = (f"test_nt_gen={protocol['nt_gen']}" if cfg['test_nt_gen'] else
+                f"test_nt_gen=0 (the paper's {protocol['nt_gen']} frames for {protocol_dataset(cfg)})")
+    problems.append(f'{test_gen} leaves no test frame to predict after {test_cond}: use test_nt_gen >= '
+                    f"{protocol['nt_cond'] + 1}")
+  burnin, n_iter = cfg['lr_scheduling_burnin'], cfg['lr_scheduling_n_iter']
+  if burnin + n_iter < 1:
+    problems.append(f'lr_scheduling_burnin={burnin} and lr_scheduling_n_iter={n_iter}: the run would train no step '
+                    '(training lasts lr_scheduling_burnin + lr_scheduling_n_iter steps); make their sum >= 1')
+  set_keys = [k for k, unset in (('coordinator_address', ''), ('num_processes', 0), ('process_id', -1))
+              if cfg[k] != unset]
+  if set_keys and not cfg['distributed']:
+    one = len(set_keys) == 1
+    problems.append(f"{', '.join(f'{k}={cfg[k]!r}' for k in set_keys)} appl{'ies' if one else 'y'} to multi-process "
+                    f"runs only: set distributed=True (or leave {'it' if one else 'them'} unset)")
+  if cfg['num_processes'] and cfg['process_id'] >= cfg['num_processes']:
+    problems.append(f"process_id={cfg['process_id']} is out of range for num_processes={cfg['num_processes']}: "
+                    f"use 0 to {cfg['num_processes'] - 1}")
+  if cfg['dataset'] not in ('smmnist', 'mmnist'):
+    moving_mnist = [f'{k}={cfg[k]!r}' for k, unset in (('deterministic', False), ('digits_source', 'auto'))
+                    if cfg[k] != unset]
+    if moving_mnist:
+      problems.append(f"{', '.join(moving_mnist)} appl{'ies' if len(moving_mnist) == 1 else 'y'} to Moving MNIST "
+                      f"only, not to dataset={cfg['dataset']!r}: leave the default")
+  return problems
 
 
 def from_official(official: Mapping[str, Any]) -> ml_collections.ConfigDict:
