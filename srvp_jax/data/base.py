@@ -250,9 +250,11 @@ class ClipDataset(Dataset):
     with self._lock:
       if split not in self._sources:
         if self.has_store(split):
-          source = store.StoreVideos(self.data_dir, split)
-          if source.nc != self.nc:
-            raise store.StoreError(f'{source.root} holds {source.nc}-channel videos, not {self.name} ones; '
+          source = store.StoreVideos(self.data_dir, split, self.name)
+          if source.nc != self.nc or source.dataset not in ('', self.name):
+            what = f'{source.dataset} videos' if source.dataset not in ('', self.name) else \
+                f'{source.nc}-channel videos'
+            raise store.StoreError(f'{source.root} holds {what}, not {self.name} ones; '
                                    f're-run `{command("prepare", self.name, self.data_dir, " --force")}`')
         else:
           source = self.official_videos(split)
@@ -276,6 +278,7 @@ class ClipDataset(Dataset):
   def check_train(self) -> None:
     super().check_train()
     self.eligible('train', self.seq_len('train'))
+    self.eligible('val', self.seq_len('val'))  # At start-up, not at the first validation.
     self.hint_if_slow()
 
   def eligible(self, fold: str, seq_len: int) -> np.ndarray:

@@ -50,45 +50,64 @@ def has_split(data_dir: str, split: str) -> bool:
   return os.path.isfile(os.path.join(split_dir(data_dir, split), INDEX))
 
 
-class StoreVideos:
-  """One split of the store, memory-mapped: ``clip(i, start, length, step)`` slices video ``i``."""
+def prepare_command(dataset: str, data_dir: str) -> str:
+  """The command that rebuilds the store of ``data_dir`` (the data CLI's ``prepare --force``)."""
+  return f'python -m srvp_jax.data prepare {dataset or "DATASET"} --data_dir {data_dir} --force'
 
-  def __init__(self, data_dir: str, split: str):
+
+class StoreVideos:
+  """One split of the store, memory-mapped: ``clip(i, start, length, step)`` slices video ``i``.
+
+  Opening checks the whole index against its shards (a video in a shard that is not listed or too short, no
+  video, a field of the wrong kind): a broken store is one StoreError naming the file and the command that
+  rebuilds it, never an IndexError later. ``dataset`` names the dataset in that command (default: the index's).
+  """
+
+  def __init__(self, data_dir: str, split: str, dataset: str | None = None):
     self.root = split_dir(data_dir, split)
     path = os.path.join(self.root, INDEX)
+    fix = lambda name: f're-run `{prepare_command(dataset or name, data_dir)}`'
     try:
       with open(path, encoding='utf-8') as f:
         index = json.load(f)
+      self.dataset = str(index.get('dataset', ''))
       self.nc = int(index['nc'])
       videos = index['videos']
-      self.names = [v['name'] for v in videos]
-      self.meta = [v['meta'] for v in videos]
-      self.lengths = np.array([v['length'] for v in videos], dtype=np.int64)
-      self.offsets = np.array([v['offset'] for v in videos], dtype=np.int64)
-      self.shard_ids = np.array([v['shard'] for v in videos], dtype=np.int64)
-      shard_names = list(index['shards'])
+      self.names = [str(v['name']) for v in videos]
+      self.meta = [dict(v['meta']) for v in videos]
+      self.lengths, self.offsets, self.shard_ids = (_integers(videos, field) for field in ('length', 'offset', 'shard'))
+      shard_names = [str(name) for name in index['shards']]
     except FileNotFoundError:
       raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise StoreError(f'{path} is not a valid store index ({type(e).__name__}: {e}); re-run prepare') from None
-    self.dataset = index.get('dataset', '')
-    self.shards = [self._open(os.path.join(self.root, name)) for name in shard_names]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
+      raise StoreError(f'{path} is not a valid store index ({type(e).__name__}: {e}); {fix("")}') from None
+    if self.nc not in (1, 3):
+      raise StoreError(f'{path} says nc={self.nc}, expected 1 or 3; {fix(self.dataset)}')
+    if not self.names:
+      raise StoreError(f'{path} lists no video (an empty {split} split); {fix(self.dataset)}')
+    bad = np.flatnonzero((self.shard_ids < 0) | (self.shard_ids >= len(shard_names)) | (self.offsets < 0) |
+                         (self.lengths < 1))
+    if len(bad):
+      i = int(bad[0])
+      raise StoreError(f'{path} is inconsistent: video {self.names[i]} has shard {self.shard_ids[i]}, offset '
+                       f'{self.offsets[i]}, length {self.lengths[i]} (shards: {len(shard_names)}); {fix(self.dataset)}')
+    self.shards = [self._open(os.path.join(self.root, name), fix(self.dataset)) for name in shard_names]
     for i in range(len(self.names)):
       shard = self.shards[self.shard_ids[i]]
       if self.offsets[i] + self.lengths[i] > len(shard):
         raise StoreError(f'{self.root}/{shard_names[self.shard_ids[i]]} is shorter than its index says (video '
-                         f'{self.names[i]}); re-run prepare')
+                         f'{self.names[i]}); {fix(self.dataset)}')
 
-  def _open(self, path: str) -> np.ndarray:
+  def _open(self, path: str, fix: str) -> np.ndarray:
     try:
       array = np.load(path, mmap_mode='r')
     except FileNotFoundError:
-      raise StoreError(f'store shard {path} is missing; re-run prepare') from None
+      raise StoreError(f'store shard {path} is missing; {fix}') from None
     except (OSError, ValueError) as e:
-      raise StoreError(f'store shard {path} is corrupt or truncated ({e}); re-run prepare') from None
+      raise StoreError(f'store shard {path} is corrupt or truncated ({e}); {fix}') from None
     if array.dtype != np.uint8 or array.ndim != 4 or array.shape[1:] != (NX, NX, self.nc):
       raise StoreError(f'store shard {path} holds {array.dtype} {array.shape}, expected uint8 (frames, 64, 64, '
-                       f'{self.nc}); re-run prepare')
+                       f'{self.nc}); {fix}')
     return array
 
   def __len__(self) -> int:
@@ -105,3 +124,11 @@ class StoreVideos:
 
   def nbytes(self) -> int:
     return int(sum(s.nbytes for s in self.shards))
+
+
+def _integers(videos: list, field: str) -> np.ndarray:
+  """The integer ``field`` of every index entry (ValueError for a missing, fractional or non-numeric one)."""
+  values = [v[field] for v in videos]
+  if not all(isinstance(x, int) and not isinstance(x, bool) for x in values):
+    raise ValueError(f"video field '{field}' must be an integer in every entry")
+  return np.array(values, dtype=np.int64).reshape(len(values))

@@ -154,7 +154,7 @@ class BAIR(steps.ClipPreparation, bair.BAIR):
     lines = super().inspect()
     for split in self.splits:
       if self.has_store(split):
-        n = len(store.StoreVideos(self.data_dir, split))
+        n = len(store.StoreVideos(self.data_dir, split, self.name))
         if n != BAIR_VIDEOS[split]:
           lines.append(f'store {split} is incomplete: {n} of the {BAIR_VIDEOS[split]:,} official videos; '
                        f'download the whole archive (`{base.command("download", "bair", self.data_dir)}`) and run '

@@ -117,7 +117,7 @@ class ClipPreparation(Preparation):
     with progress_bar(None, f'{self.title} videos', progress) as bar:
       paths = store_writer.write_splits(self.data_dir, self.name, self.nc, self.splits, self.items(source, **options),
                                  progress=bar.update)
-    return [f'{self.title} {split}: {len(store.StoreVideos(self.data_dir, split))} videos from '
+    return [f'{self.title} {split}: {len(store.StoreVideos(self.data_dir, split, self.name))} videos from '
             f'{self.sources()[source]} -> {path}' for split, path in paths.items()]
 
   def inspect(self) -> list[str]:
@@ -125,7 +125,7 @@ class ClipPreparation(Preparation):
     for split in self.splits:
       if self.has_store(split):
         try:
-          v = store.StoreVideos(self.data_dir, split)
+          v = store.StoreVideos(self.data_dir, split, self.name)
           lines.append(f'store {split}: {len(v)} videos, {int(v.lengths.sum())} frames (min {v.lengths.min()}, max '
                        f'{v.lengths.max()}) of 64x64x{v.nc}, {format_bytes(v.nbytes())} in {v.root}')
         except (store.StoreError, FileNotFoundError) as e:
