@@ -1,7 +1,8 @@
 """User clips for ``srvp_jax.predict``: read a GIF, a video, a folder of frames or an array; fit it to a model.
 
 Readers (by path): ``.gif`` (Pillow, every frame composed onto RGB); ``.mp4 .avi .mov .mkv .webm .m4v``
-(decoded by the ffmpeg binary of imageio-ffmpeg, RGB24); a folder of images (``.png .jpg .jpeg .bmp
+(decoded by the ffmpeg binary of imageio-ffmpeg, RGB24; a truncated file, which decodes to fewer frames than its
+container declares, is refused: ``srvp_jax.video_headers``); a folder of images (``.png .jpg .jpeg .bmp
 .tif .tiff .webp``, in file-name order with numbers compared as numbers, ``frame-9`` before ``frame-10``);
 ``.npy`` / ``.npz`` arrays (``.npz``: its only array, or ``FILE.npz:KEY``) shaped (T, H, W), (T, H, W, 1) or
 (T, H, W, 3), uint8 / integers in [0, 255] or floats in [0, 1].
@@ -25,6 +26,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
+from srvp_jax import video_headers
 from srvp_jax.config import FRAME_SIZE as NX
 from srvp_jax.data.base import natural_key
 
@@ -83,6 +85,10 @@ def _video(path: str, max_frames: int | None) -> Clip:
     gen.close()
   if not frames:
     raise ClipError(f'the video {path} has no frame that ffmpeg can decode')
+  if max_frames is None or len(frames) < max_frames:  # Read to its end: as many frames as its container declares?
+    missing = video_headers.missing_frames(path, len(frames), duration=meta.get('duration'), fps=meta.get('fps'))
+    if missing is not None:
+      raise ClipError(f'the video {path} is truncated: it decodes to {missing}')
   fps = float(meta.get('fps') or 0.)
   return Clip(np.stack(frames), fps if fps > 0 else None)
 

@@ -16,6 +16,7 @@ import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
+from srvp_jax import video_headers
 from srvp_jax.data import DataError, base, human, store
 from srvp_jax.data.base import NX
 from srvp_jax.data.human import (CROP_BOX, SUBSAMPLING, TEST_LEN, TEST_SUBJECTS, TRAIN_SUBJECTS, load_npz_array,
@@ -64,7 +65,8 @@ def human_decode_mp4(path: str) -> np.ndarray:
   """Every frame of a Human3.6M MP4, processed as the official conversion, uint8 (T, 64, 64, 3).
 
   Frames are decoded to RGB24 by ffmpeg as imageio's ffmpeg reader does (the official script uses
-  ``imageio.get_reader(path, 'ffmpeg').iter_data()``, which reads until the stream ends: every frame).
+  ``imageio.get_reader(path, 'ffmpeg').iter_data()``, which reads until the stream ends: every frame). A file
+  that decodes to fewer frames than its duration declares (truncated) is an error (``video_headers``).
   """
   frames = []
   reader = imageio_ffmpeg.read_frames(path)
@@ -80,6 +82,10 @@ def human_decode_mp4(path: str) -> np.ndarray:
     reader.close()
   if not frames:
     raise raw.CorruptRawFileError(f'Human3.6M video {path} holds no frame; extract it again from its .tgz archive')
+  missing = video_headers.missing_frames(path, len(frames), duration=meta.get('duration'), fps=meta.get('fps'))
+  if missing is not None:
+    raise raw.CorruptRawFileError(f'Human3.6M video {path} is truncated: it decodes to {missing}; extract it again '
+                                  'from its .tgz archive')
   return np.stack(frames)
 
 
@@ -124,7 +130,7 @@ class Human(steps.ClipPreparation, human.Human):
         return path, load_npz_array(path), keys
       n_videos = len(files)
     elif self.has_store('test'):
-      videos = store.StoreVideos(self.data_dir, 'test')
+      videos = store.StoreVideos(self.data_dir, 'test', self.name)
 
       def source(i):
         meta = videos.meta[i]

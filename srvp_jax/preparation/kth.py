@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from srvp_jax import video_headers
 from srvp_jax.data import DataError, base, kth, store
 from srvp_jax.data.base import NX
 from srvp_jax.data.kth import CLASSES, TEST_LEN, index_videos, official_test_file, processed_dir, video_meta
@@ -84,7 +85,8 @@ def kth_decode_avi(path: str, *, source: str | None = None, frame_rate: int = KT
 
   Runs the official ``ffmpeg -i AVI -r 25 -f image2 -s 64x64 image-%03d.png`` with the PNG images piped
   instead of written (same encoder, so the same pixel format and scaling), then keeps the first channel as
-  the official loader does. ``source`` names the file in errors (e.g. ``walking.zip:person01_..avi``).
+  the official loader does. ``source`` names the file in errors (e.g. ``walking.zip:person01_..avi``). A file
+  that decodes to fewer frames than its AVI header declares (truncated) is an error (``video_headers``).
   """
   source = source or path
   cmd = [raw.ffmpeg_exe(), '-nostdin', '-loglevel', 'error', '-i', path, '-r', str(frame_rate),
@@ -100,6 +102,9 @@ def kth_decode_avi(path: str, *, source: str | None = None, frame_rate: int = KT
     frames.append(frame if frame.ndim == 2 else frame[:, :, 0])
   if not frames:
     raise raw.CorruptRawFileError(f'KTH video {source} holds no frame; download it again')
+  missing = video_headers.missing_frames(path, len(frames), rate=frame_rate)
+  if missing is not None:
+    raise raw.CorruptRawFileError(f'KTH video {source} is truncated: it decodes to {missing}; download it again')
   video = np.stack(frames)[..., None]
   if video.shape[1:] != (NX, NX, 1) or video.dtype != np.uint8:
     raise raw.CorruptRawFileError(f'KTH video {source} decodes to {video.dtype} {video.shape[1:]} frames, expected '
@@ -165,7 +170,7 @@ class KTH(steps.ClipPreparation, kth.KTH):
       def extract(name, t0):
         return np.stack([base.read_frame(p, 1)[:, :, 0] for p in by_name[name][1][t0:t0 + seq_len]])
     elif self.has_store('test'):
-      videos = store.StoreVideos(self.data_dir, 'test')
+      videos = store.StoreVideos(self.data_dir, 'test', self.name)
       by_name = {n: (int(length), i) for i, (n, length) in enumerate(zip(videos.names, videos.lengths))}
 
       def extract(name, t0):

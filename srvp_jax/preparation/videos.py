@@ -204,7 +204,7 @@ class Videos(steps.ClipPreparation, videos.Videos):
     if not self.has_store('test'):
       raise FileNotFoundError(f'no test clips in {self.data_dir} ({store.STORE_DIR}/test is missing): run '
                               f'`{base.command("prepare", self.name, self.data_dir)}` on 2 or more clips')
-    source = store.StoreVideos(self.data_dir, 'test')
+    source = store.StoreVideos(self.data_dir, 'test', self.name)
     eligible = np.flatnonzero(source.lengths >= seq_len)
     if len(eligible) == 0:
       raise DataError(f'no test clip has {seq_len} frames (longest: {int(source.lengths.max())}); use a smaller '
@@ -230,7 +230,7 @@ class Videos(steps.ClipPreparation, videos.Videos):
         lines.append(f'store {split}: missing; make it with `{base.command("prepare", self.name, self.data_dir)}`')
         continue
       try:
-        v = store.StoreVideos(self.data_dir, split)
+        v = store.StoreVideos(self.data_dir, split, self.name)
       except (store.StoreError, FileNotFoundError) as e:
         lines.append(f'store {split}: BROKEN: {e}')
         continue
