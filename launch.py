@@ -3,13 +3,15 @@
 Rerunning the same command in the same workdir resumes from the latest intact checkpoint; Ctrl-C or
 SIGTERM saves the last finished step first. Library logs (absl, orbax, TensorFlow) are off unless
 ``--verbosity=0`` (INFO) or ``--verbosity=1`` (DEBUG) is given. Several hosts: the same command on
-every host with ``--config.distributed=True`` (see ``initialize_distributed``).
+every host with ``--config.distributed=True`` (see ``initialize_distributed``); each then supervises its
+training in a child process, so that a lost peer process is one line (``srvp_jax.train.supervisor``).
+One run per workdir: a second copy is refused while the first holds the workdir's lock.
 
 The flags are absl's, as in the flax examples: ml_collections' ``--config FILE`` with ``--config.KEY=VALUE``
 overrides, ``--workdir`` and ``--verbosity``; the other tools take argparse options of the same
 ``--name value`` style. Both report through ``srvp_jax.cli``: errors are one ``error: ...`` line, exit
-status 2 for a bad config or workdir, 1 when training fails (non-finite loss); 128 + the signal number
-after a SIGINT/SIGTERM save.
+status 2 for a bad config or workdir (one in use by another run included), 1 when training fails
+(non-finite loss, a lost peer process); 128 + the signal number after a SIGINT/SIGTERM save.
 """
 
 import difflib
@@ -25,6 +27,7 @@ from srvp_jax import config as config_lib
 from srvp_jax import data
 from srvp_jax import train
 from srvp_jax.data import DataError
+from srvp_jax.train import supervisor
 
 USAGE = 'python launch.py --config configs/NAME.py --workdir DIR [--config.KEY=VALUE ...]'
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'A config file of configs/ (get_config()).',
@@ -109,12 +112,21 @@ def main(argv):
 def _main(argv):
   if len(argv) > 1:
     raise cli.UsageError(f'unexpected arguments {argv[1:]}')
-  cli.start(verbose=flags.FLAGS['verbosity'].present, cache_compilations=True)
+  verbose = flags.FLAGS['verbosity'].present
+  cli.start(verbose=verbose, cache_compilations=True)
   cfg = load_config()
+  if cfg.distributed and not supervisor.is_child():
+    process_id = int(cfg.process_id) if int(cfg.process_id) >= 0 else os.environ.get('JAX_PROCESS_ID')
+    return supervisor.supervise([os.path.abspath(sys.argv[0]), *sys.argv[1:]], _WORKDIR.value,
+                                None if process_id is None else int(process_id),
+                                int(cfg.num_processes) or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None, verbose)
+  if supervisor.is_child():
+    supervisor.child_setup()
   if cfg.distributed:
     initialize_distributed(cfg)  # Before anything touches the devices.
+  progress = supervisor.child_progress() if supervisor.is_child() else sys.stderr.isatty()  # Bars for terminals.
   try:
-    train.train_and_evaluate(cfg, _WORKDIR.value, progress=sys.stderr.isatty())  # The bar is for terminals.
+    train.train_and_evaluate(cfg, _WORKDIR.value, progress=progress)
   except train.Interrupted as e:
     return e.exit_code  # The save message is printed.
   except train.NonFiniteError as e:
@@ -125,6 +137,10 @@ def _main(argv):
     if not type(e).__module__.startswith('srvp_jax'):
       raise
     raise cli.UsageError(str(e)) from None  # Bad input found by our own code (data files, checkpoints): one line.
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.process_count() > 1 and supervisor.is_peer_loss(e):  # A collective failed: a peer process is gone.
+      supervisor.exit_lost(e, jax.process_index(), jax.process_count(), _WORKDIR.value)
+    raise
   return 0
 
 

@@ -2,13 +2,15 @@
 
 Layout of a run (or converted) folder::
 
-    DIR/srvp_config.json     our full config (ml_collections keys)
+    DIR/srvp_config.json     our full config (ml_collections keys), written with a run's first checkpoint
     DIR/config.json          the same config in the official flat form (for PyTorch export)
+    DIR/metrics.jsonl        the logged scalars, one row per line (trimmed to the restored step on resume)
+    DIR/run.lock             held by a training run for its life (``RunLock``): one run per workdir
     DIR/checkpoints/<step>/  one orbax CheckpointManager: 'model' (all model variables), 'opt' (the
                              optimizer state; training only), 'meta' (step, validation PSNR) and,
                              for validated steps, orbax 'metrics' ({'val_psnr': ...})
 
-``RunFolder`` owns all of it: resuming (the newest intact step, corrupt steps moved aside), saving
+``RunFolder`` owns all of it: the run lock, resuming (the newest intact step, corrupt steps moved aside), saving
 a step with its metrics, the best step, restoring the model part alone, and the readers of official
 experiment folders (``config.json`` + ``model.pt``, converted in memory) and of the earlier layout.
 Every tree read back is checked against the config's model by one function (``check_tree``).
@@ -24,9 +26,14 @@ are restored into an abstract tree that carries the target shardings. Folders of
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
+import socket
+import sys
+import time
 from typing import Any, Mapping
 
 import jax
@@ -43,6 +50,8 @@ from srvp_jax.model import build_model
 
 CONFIG_FILE = 'srvp_config.json'
 OFFICIAL_CONFIG_FILE = 'config.json'
+METRICS_FILE = 'metrics.jsonl'
+LOCK_FILE = 'run.lock'
 CHECKPOINT_DIR = 'checkpoints'  # The run's one checkpoint directory (latest, best and kept steps alike).
 LEGACY_BEST_DIR = 'best'  # Earlier layout only: best/<step> beside checkpoints/<step>.
 OFFICIAL_MODEL = 'model.pt'  # The official final weights (an official experiment folder).
@@ -58,6 +67,9 @@ class CheckpointNotFoundError(FileNotFoundError):
 class CorruptCheckpointError(config_lib.ConfigError):
   """A checkpoint whose files cannot be read back (truncated, flipped bytes, non-finite values)."""
 
+
+class WorkdirBusyError(config_lib.ConfigError):
+  """Another training run holds the workdir's lock."""
 
 
 
@@ -163,16 +175,14 @@ class RunFolder:
 
   # Config. -----------------------------------------------------------------------------------------------------------
   def save_config(self, cfg: Mapping[str, Any]) -> None:
-    """Writes our config and its official ``config.json`` form."""
+    """Writes our config and its official ``config.json`` form, each atomically (a reader sees the old or the new)."""
     os.makedirs(self.path, exist_ok=True)
-    with open(os.path.join(self.path, CONFIG_FILE), 'w', encoding='utf-8') as f:
-      json.dump(dict(cfg), f, indent=1, sort_keys=True)
+    _write_atomic(os.path.join(self.path, CONFIG_FILE), json.dumps(dict(cfg), indent=1, sort_keys=True))
     self.save_official_config(cfg)
 
   def save_official_config(self, cfg: Mapping[str, Any]) -> None:
-    """Writes ``config.json``, the official flat form of ``cfg`` (what the official code reads)."""
-    with open(os.path.join(self.path, OFFICIAL_CONFIG_FILE), 'w', encoding='utf-8') as f:
-      json.dump(config_lib.to_official(cfg), f, indent=1)
+    """Writes ``config.json``, the official flat form of ``cfg`` (what the official code reads), atomically."""
+    _write_atomic(os.path.join(self.path, OFFICIAL_CONFIG_FILE), json.dumps(config_lib.to_official(cfg), indent=1))
 
   def load_config(self) -> ml_collections.ConfigDict:
     """Our config of the folder (falls back to an official ``config.json``)."""
@@ -199,6 +209,49 @@ class RunFolder:
       return []
     saved = self.load_config()
     return [f'{k}: {saved[k]!r} -> {cfg[k]!r}' for k in STATE_KEYS if saved[k] != cfg[k]]
+
+  # The run. ----------------------------------------------------------------------------------------------------------
+  def lock(self) -> 'RunLock':
+    """Takes the run lock of the folder (``RunLock``; refused: ``WorkdirBusyError``), before anything is read.
+
+    Process 0 of a run takes it; the other processes of a multi-process run learn from process 0 whether it was
+    taken (so they do not conflict with their own run, and a second copy of the run is refused on every process).
+    """
+    lock, error = RunLock(os.path.join(self.path, LOCK_FILE)), None
+    if jax.process_index() == 0:
+      try:
+        lock.acquire()
+      except Exception as e:  # pylint: disable=broad-except  # Told to the other processes, then raised.
+        error = e
+    if jax.process_count() > 1:
+      refused = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+      if refused and error is None:
+        error = WorkdirBusyError(f'{self.path} cannot be locked for this run (process 0 says why)')
+    if error is not None:
+      raise error
+    return lock
+
+  def drop_metrics_after(self, step: int) -> int:
+    """Drops the rows of ``metrics.jsonl`` past ``step`` (a resume replays those steps), atomically; returns how many.
+
+    A row cut short by a kill (the last line) goes too. Nothing is written when nothing is dropped.
+    """
+    path = os.path.join(self.path, METRICS_FILE)
+    if not os.path.isfile(path):
+      return 0
+    with open(path, encoding='utf-8') as f:
+      lines = f.readlines()
+    kept = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and int(row.get('step', 0)) <= step:
+        kept.append(line if line.endswith('\n') else line + '\n')
+    if len(kept) != len(lines):
+      _write_atomic(path, ''.join(kept))
+    return len(lines) - len(kept)
 
   # Steps. ------------------------------------------------------------------------------------------------------------
   def manager(self, sub: str = CHECKPOINT_DIR) -> ocp.CheckpointManager:
@@ -443,6 +496,204 @@ class RunFolder:
     tree = model_tree(model)
     check_tree(template, tree, f'init_from={self.path}')
     return tree, step
+
+
+def _write_atomic(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename: readers see the old file or the new one."""
+  tmp = f'{path}.tmp{os.getpid()}'
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def _boot_id() -> str | None:
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def _start_time(pid: int) -> str | None:
+  """A process's start time (clock ticks since boot, Linux): with the boot id it tells a reused pid apart."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii', errors='replace') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+class RunLock:
+  """The lock a training run holds on its workdir from start-up to exit: one run per workdir.
+
+  ``flock`` on ``DIR/run.lock`` decides: the kernel releases it when its process ends, however it ends (kill -9
+  included), and on network filesystems it holds across hosts. The file records the holder (host, pid, process
+  start time, boot id, since when, process count) for the refusal's message, and decides alone on a filesystem
+  without ``flock`` (a holder on this host that is gone, or whose pid was reused, is stale; one on another host
+  cannot be checked and is reported with the file to delete). A record left by a killed run is taken over
+  (``stale``). Released (``release``, or on leaving the ``with``) the file is removed, and so are the folders made
+  to hold it when they are empty (a run refused at start-up leaves no workdir behind).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self.stale: dict | None = None  # The record of a gone holder this lock took over.
+    self._fd: int | None = None
+    self._made: list[str] = []
+
+  def acquire(self) -> 'RunLock':
+    """Takes the lock or raises ``WorkdirBusyError`` naming the holder; writes nothing when refused."""
+    folder = os.path.dirname(os.path.abspath(self.path))
+    try:
+      self._made = _make_dirs(folder)
+      for _ in range(20):  # Retried only when the file was replaced while being opened (a holder released it).
+        try:
+          fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+          raise config_lib.ConfigError(f'cannot lock the workdir ({self.path}: {e.strerror or e}); use a '
+                                       'writable --workdir') from None
+        try:
+          flocked = self._flock(fd)
+          if not _same_file(fd, self.path):
+            os.close(fd)
+            continue
+          holder = _read_record(fd)
+          alive = _alive(holder) if holder else False
+          if alive or (alive is None and not flocked):  # Unknown on another host: flock, when there, decided.
+            raise WorkdirBusyError(self._busy(holder, flocked))
+        except BaseException:
+          os.close(fd)
+          raise
+        self.stale, self._fd = holder, fd
+        self._write_record()
+        return self
+      raise WorkdirBusyError(f'{folder} is in use by other training runs starting at once; use another --workdir')
+    except BaseException:
+      self._remove_made()
+      raise
+
+  def _flock(self, fd: int) -> bool:
+    """True when ``flock`` took the lock, False on a filesystem without it; WorkdirBusyError when it is held."""
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except BlockingIOError:
+      holder = None
+      for _ in range(10):  # The holder writes its record right after locking.
+        holder = _read_record(fd)
+        if holder:
+          break
+        time.sleep(0.05)
+      raise WorkdirBusyError(self._busy(holder, True)) from None
+    except OSError as e:
+      if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+      raise
+
+  def _busy(self, holder: dict | None, flocked: bool) -> str:
+    folder = os.path.dirname(self.path)
+    if not holder:
+      return (f'{folder} is in use by another training run (its lock {self.path} names no holder yet); wait for '
+              'it to end or stop it, or use another --workdir')
+    n = int(holder.get('processes', 1))
+    who = (f"pid {holder.get('pid')} on {holder.get('host')}" + (f' (process 0 of {n})' if n > 1 else '')
+           + f", since {holder.get('since')}")
+    hint = ('' if flocked else f'; if that run is gone (this filesystem has no file locks to tell), delete '
+            f'{self.path}')
+    return (f'{folder} is in use by another training run ({who}): wait for it to end, or stop it (SIGTERM '
+            f'saves it), or use another --workdir{hint}')
+
+  def _write_record(self) -> None:
+    record = {'host': socket.gethostname(), 'pid': os.getpid(), 'start_time': _start_time(os.getpid()),
+              'boot_id': _boot_id(), 'since': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+              'processes': jax.process_count(), 'command': ' '.join(sys.argv)[:500]}
+    data = json.dumps(record).encode()
+    os.ftruncate(self._fd, 0)
+    os.pwrite(self._fd, data, 0)
+    os.fsync(self._fd)
+
+  def release(self) -> None:
+    """Removes the lock file and lets go of the lock (idempotent)."""
+    if self._fd is None:
+      return
+    fd, self._fd = self._fd, None
+    try:
+      if _same_file(fd, self.path):
+        os.remove(self.path)
+    finally:
+      os.close(fd)  # Releases the flock.
+      self._remove_made()
+
+  def _remove_made(self) -> None:
+    for folder in reversed(self._made):
+      try:
+        os.rmdir(folder)
+      except OSError:
+        break  # Not empty: the run wrote there.
+    self._made = []
+
+  def __enter__(self) -> 'RunLock':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+
+def _make_dirs(folder: str) -> list[str]:
+  """``os.makedirs(folder)``; returns the folders it made, outermost first. One line when it cannot."""
+  made, parent = [], folder
+  while not os.path.exists(parent):
+    made.insert(0, parent)
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise config_lib.ConfigError(f'--workdir {folder}: {parent} is a file, not a folder')
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    raise config_lib.ConfigError(f'cannot create the workdir {folder}: {e.strerror or e}') from None
+  return made
+
+
+def _same_file(fd: int, path: str) -> bool:
+  try:
+    return os.fstat(fd).st_ino == os.stat(path).st_ino
+  except FileNotFoundError:
+    return False
+
+
+def _read_record(fd: int) -> dict | None:
+  try:
+    record = json.loads(os.pread(fd, 1 << 16, 0).decode('utf-8', 'replace') or 'null')
+  except json.JSONDecodeError:
+    return None
+  return record if isinstance(record, dict) else None
+
+
+def _alive(holder: Mapping[str, Any]) -> bool | None:
+  """Whether a lock's holder still runs: True / False on this host, None (cannot tell) on another one."""
+  if holder.get('host') != socket.gethostname():
+    return None
+  if holder.get('boot_id') and _boot_id() and holder['boot_id'] != _boot_id():
+    return False  # This host rebooted since.
+  pid = int(holder.get('pid', -1))
+  if pid == os.getpid():
+    return False  # A record of this very process (an earlier run in it that did not release): stale.
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass
+  except (OSError, OverflowError):
+    return False
+  start = _start_time(pid)
+  return not (holder.get('start_time') and start and start != holder['start_time'])
 
 
 def load_model(path: str, which: str = 'best', compute_dtype: str | None = None, model_name: str | None = None):

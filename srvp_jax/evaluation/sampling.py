@@ -217,7 +217,8 @@ class BestOfN:
     return auto_chunk(self.graphdef, tuple(states), self.protocol, shape, n_samples, self.mesh, free_bytes)
 
   def run_batch(self, states: tuple, x: np.ndarray | jax.Array, video_ids: np.ndarray, base_key: jax.Array,
-                n_samples: int, chunk: int, lpips_fn: Callable | None = None) -> dict[str, Any]:
+                n_samples: int, chunk: int, lpips_fn: Callable | None = None,
+                between_chunks: Callable[[Any], None] | None = None) -> dict[str, Any]:
     """Queues the best-of-``n_samples`` work of one batch; returns device arrays (nothing waits).
 
     x: (B, T, H, W, C) float in [0, 1] (at least nt_cond + nt_pred frames), host array; video_ids (B,). Returns
@@ -226,7 +227,9 @@ class BestOfN:
     of (K, B, nt_pred) per chunk}, 'select' {metric: list of (K, B)}, 'random' (the first 5 samples'
     uint8 videos) and 'cond_rec'. The batch is padded to the mesh (results keep the padding rows).
     ``lpips_fn(pred, target)``: per-frame LPIPS; when it has ``features(frames)`` (``hooks.LpipsOnFrames``),
-    the target frames' side is computed once per batch and passed as ``target``.
+    the target frames' side is computed once per batch and passed as ``target``. ``between_chunks(arrays)``,
+    when given, is called with each chunk's results once the next chunk is queued (it may wait for them and
+    raise to abandon the batch, e.g. training's validation on SIGTERM).
     """
     p = self.protocol
     b = len(video_ids)
@@ -283,6 +286,8 @@ class BestOfN:
         sel = selection.update(sel, {m: res[f'select_{m}'] for m in names}, payload, c * chunk)
       if p.keep_videos:
         out['random'].extend(res['x_byte'][i] for i in range(max(0, min(chunk, n_random - c * chunk))))
+      if between_chunks is not None:
+        between_chunks(res)
     if p.keep_videos:
       out['cond_rec'] = cond_reconstruction_function(self.graphdef, p, self.mesh)(tuple(states), key_data, x, ids)
     out['selection'] = sel
@@ -290,15 +295,16 @@ class BestOfN:
 
 
 def validation_psnr(scorer: BestOfN, states: tuple, x: np.ndarray, key: jax.Array, n_samples: int,
-                    chunk: int) -> jax.Array:
+                    chunk: int, between_chunks: Callable[[Any], None] | None = None) -> jax.Array:
   """Official validation of one batch: PSNR over the predicted frames of each video's best sample (B,).
 
   The best of ``n_samples`` samples is chosen on PSNR over all frames (reconstruction included).
+  ``between_chunks``: see ``BestOfN.run_batch``.
   """
   if scorer.protocol.select_on != 'all':
     raise ValueError("validation_psnr needs a Protocol with select_on='all'")
   b = len(x)
-  res = scorer.run_batch(states, x, np.arange(b), key, n_samples, chunk)
+  res = scorer.run_batch(states, x, np.arange(b), key, n_samples, chunk, between_chunks=between_chunks)
   # Replicated, so that every process can read it (the batch was sharded over all processes' devices).
   return _replicated_head(res['selection']['psnr']['best_video'], b, scorer.mesh)
 

@@ -6,8 +6,9 @@ resuming from its latest intact checkpoint. Resuming is exact: the step's noise 
 ends where an uninterrupted run ends. Around the steps: one orbax manager (``srvp_jax.checkpoints``),
 clu writers, progress report and profiler (``srvp_jax.train.runtime``), one ``PeriodicActions`` that
 decides when to log, validate (``srvp_jax.train.validation``) and checkpoint, SIGINT/SIGTERM turned
-into "save and stop", and start-up checks that all pass before anything is written in the workdir.
-Multi-host: every process feeds its slice of the global batch (``srvp_jax.sharding``).
+into "save and stop" (a validation under way is abandoned), the workdir's run lock held from start-up to
+exit, and start-up checks that all pass before anything is written in the workdir (the config is written
+with the first checkpoint). Multi-host: every process feeds its slice of the global batch (``srvp_jax.sharding``).
 """
 
 from __future__ import annotations
@@ -86,16 +87,18 @@ def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iter
   ``cfg`` is a ready config (validated, e.g. by ``launch.py``); multi-host runs have called
   ``jax.distributed.initialize`` before. ``train_batches(start_step)`` (this process's slice of
   each global batch) / ``val_batches(step)`` (the batches of the validation at ``step``) override
-  the dataset pipelines and ``tx`` the optimizer (tests, benchmarks). Nothing is written in
-  ``workdir`` before every start-up check has passed. SIGINT/SIGTERM save the last finished step
-  and raise ``Interrupted`` (before the first step: nothing is written). Returns the last training
-  metrics and the last and best validation PSNR.
+  the dataset pipelines and ``tx`` the optimizer (tests, benchmarks). The workdir's run lock is taken
+  first (another run holding it: ``checkpoints.WorkdirBusyError``) and released on any exit; nothing
+  else is written in ``workdir`` before every start-up check has passed. SIGINT/SIGTERM save the last
+  finished step and raise ``Interrupted`` (before the first step: nothing is written). Returns the last
+  training metrics and the last and best validation PSNR.
   """
-  with StopRequest() as stop:
-    return _train(cfg, workdir, stop, train_batches, val_batches, tx, progress)
+  with StopRequest() as stop, checkpoints.RunFolder(workdir).lock() as lock:
+    return _train(cfg, workdir, stop, lock, train_batches, val_batches, tx, progress)
 
 
-def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx, progress: bool):
+def _train(cfg, workdir: str, stop: StopRequest, lock: checkpoints.RunLock, train_batches, val_batches, tx,
+           progress: bool):
   """``train_and_evaluate`` with its signal handlers installed."""
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(cfg)
@@ -154,17 +157,19 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
   # The run starts: from here on the workdir is written.
   if is_main:
     folder.create()
+    folder.drop_metrics_after(start.step)  # Rows of steps past the restored one are replayed: each step once.
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices('srvp_workdir')
   writer = make_writer(workdir)
   _, periodic_actions = clu_modules()
   console = Console(n_steps, start.step, progress, is_main)
   stop.say = console.line
+  if lock.stale:
+    console.line(f"took over the lock of an earlier run that is gone (pid {lock.stale.get('pid')} on "
+                 f"{lock.stale.get('host')}, since {lock.stale.get('since')})")
   for step, why in start.skipped:
     where = folder.quarantine(step)
     console.line(f'skipped step {step}: {why}; moved to {where}')
-  if is_main:
-    folder.save_config(cfg)
   n_dev = mesh.devices.size
   console.line(f"{'resuming at' if start.step else 'training from'} step {start.step} of {n_steps} on {n_dev} "
                f'{jax.devices()[0].platform} device(s) ({jax.process_count()} process(es)); workdir {workdir}')
@@ -181,11 +186,14 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
                                           every_secs=None))
 
   saved_step = start.step if start.model is not None else None
-  val_psnr = None
+  val_psnr, config_saved = None, False
 
   def save(step: int, metrics: Mapping[str, float] | None = None) -> None:
-    nonlocal saved_step
+    nonlocal saved_step, config_saved
     _check_finite(state, folder)
+    if is_main and not config_saved:  # With the first checkpoint: a relaunch that fails before keeps the old one.
+      folder.save_config(cfg)
+      config_saved = True
     tree = checkpoints.model_tree(nnx.merge(graphdef, state.params, state.batch_stats))
     folder.save(step, tree, {'step': step, **(metrics or {})}, state.opt_state, metrics)
     saved_step = step
@@ -213,12 +221,17 @@ def _train(cfg, workdir: str, stop: StopRequest, train_batches, val_batches, tx,
                        'validation PSNR and cannot be the best')
         else:
           _check_finite(state, folder)
-          with report.timed('validation'):
-            media = functools.partial(validation.write_validation_media, graphdef, state, cfg=cfg, workdir=workdir,
-                                      step=step) if is_main else None
-            step_psnr = validation.mean_validation_psnr(batch_psnr, state, val_batches(step), cfg, step, media)
-          val_psnr = step_psnr
-          postfix['val_psnr'] = _describe_psnr(step_psnr)
+          try:
+            with report.timed('validation'):
+              media = functools.partial(validation.write_validation_media, graphdef, state, cfg=cfg, workdir=workdir,
+                                        step=step) if is_main else None
+              step_psnr = validation.mean_validation_psnr(batch_psnr, state, val_batches(step), cfg, step, media,
+                                                          stop=stop)
+            val_psnr = step_psnr
+            postfix['val_psnr'] = _describe_psnr(step_psnr)
+          except validation.Abandoned:  # Not needed to resume: the checkpoint is saved at once without it.
+            console.line(f'validation of step {step} abandoned ({signal.Signals(stop.signum).name}); the checkpoint '
+                         f'of step {step} has no validation PSNR and cannot be the best')
       if actions.checkpoint_due(step):
         finite = step_psnr is not None and math.isfinite(step_psnr)
         save(step, {checkpoints.METRIC: step_psnr} if finite else None)

@@ -15,12 +15,15 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 from absl import logging
 from tqdm import tqdm
+
+from srvp_jax import checkpoints
 
 
 def clu_modules():
@@ -101,7 +104,7 @@ def make_writer(workdir: str):
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True)
   return metric_writers.MultiWriter([metric_writers.create_default_writer(os.path.join(workdir, 'tensorboard')),
-                                     JsonlWriter(os.path.join(workdir, 'metrics.jsonl'))])
+                                     JsonlWriter(os.path.join(workdir, checkpoints.METRICS_FILE))])
 
 class Console:
   """The progress bar (interactive runs, process 0) and the few lines a run prints."""
@@ -142,20 +145,27 @@ class Interrupted(KeyboardInterrupt):
 class StopRequest:
   """SIGINT/SIGTERM set a flag the loop reads between steps (a donated step is never cut in half).
 
-  A second signal exits at once without saving. Multi-process runs agree on the flag every step,
-  so all processes save the same step together.
+  A second signal exits at once without saving; the same signal again within ``SAME_SIGNAL_S`` is the
+  same request (a terminal's Ctrl-C or a scheduler's signal reaches both a multi-process launcher and the
+  training process it forwards signals to). Multi-process runs agree on the flag every step, so all
+  processes save the same step together.
   """
+  SAME_SIGNAL_S = 1.0
 
   def __init__(self):
     self.signum, self._previous = None, {}
+    self._received, self._since = None, 0.0  # The signal this process received (not learnt from the others), when.
     self.say = lambda text: print(text, file=sys.stderr, flush=True)  # The console's, once there is one.
 
   def _handle(self, signum, frame):
     del frame
-    if self.signum is not None:
+    if self._received is not None:
+      if signum == self._received and time.monotonic() - self._since < self.SAME_SIGNAL_S:
+        return
       print(f'\n{signal.Signals(signum).name} again: exiting without saving', file=sys.stderr, flush=True)
       os._exit(128 + signum)  # pylint: disable=protected-access
-    self.signum = signum
+    self._received, self._since = signum, time.monotonic()
+    self.signum = self.signum or signum
     self.say(f'{signal.Signals(signum).name} received: finishing the current step, then saving '
              '(send it again to exit without saving)')
 

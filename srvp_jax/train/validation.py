@@ -7,13 +7,15 @@ over videos of that sample's PSNR over the predicted frames. Which videos and wh
 (``val_resample``): by default the same videos and the same noise at every validation, so that two
 validations differ only by the weights; with ``val_resample=True``, as the official code (which
 reshuffles its validation loader and draws fresh noise), other videos and noise at each validation.
-The first batch's predictions are also written as a GIF/PNG (``write_validation_media``).
+The first batch's predictions are also written as a GIF/PNG (``write_validation_media``). A stop request
+(SIGINT/SIGTERM) abandons a validation between its sample chunks, batches and parts (``Abandoned``).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from typing import Any, Callable, Iterator, Mapping
 
 import jax
@@ -25,6 +27,10 @@ from srvp_jax import evaluation, sharding, visualize
 from srvp_jax.model import SRVP
 
 MEDIA_SAMPLES = 3  # Predicted samples per video in the validation GIF/PNG.
+
+
+class Abandoned(Exception):
+  """A validation given up part-way because training is stopping (SIGINT/SIGTERM): none of it is kept."""
 
 
 def validation_seed(cfg: Mapping[str, Any], step: int) -> int:
@@ -59,26 +65,54 @@ def make_batch_psnr(graphdef, cfg: Mapping[str, Any], n_samples: int, mesh: Mesh
                                    cond_euler_steps=n_euler, metrics=('psnr',), select_on='all', keep_videos=False)
     return evaluation.BestOfN(graphdef, protocol, mesh=mesh)
 
-  def batch_psnr(params, stats, x, key):
+  def batch_psnr(params, stats, x, key, between_chunks=None):
     states = sharding.replicate((params, stats), mesh) if place else (params, stats)
-    return evaluation.validation_psnr(scorer(int(x.shape[1])), states, x, key, n_samples, chunk)
+    return evaluation.validation_psnr(scorer(int(x.shape[1])), states, x, key, n_samples, chunk, between_chunks)
 
   return batch_psnr
 
 
 def mean_validation_psnr(batch_psnr: Callable, state: Any, batches: Iterator[np.ndarray], cfg, step: int,
-                         media: Callable[[np.ndarray], None] | None = None) -> float:
-  """Mean over the validation videos of the kept sample's PSNR; ``media`` gets the first batch."""
+                         media: Callable[[np.ndarray], None] | None = None, stop=None) -> float:
+  """Mean over the validation videos of the kept sample's PSNR; ``media`` gets the first batch.
+
+  ``stop`` (the run's ``StopRequest``) is read between sample chunks, batches and before the media: once a
+  stop is requested the validation raises ``Abandoned``.
+  """
   total, n = 0.0, 0
   key = noise_key(cfg, step)
+  check = None if stop is None else functools.partial(_check_stop, stop)
   for i, x in enumerate(batches):
+    if check is not None:
+      check()
     x = np.asarray(x, np.float32)
-    psnr = np.asarray(batch_psnr(state.params, state.batch_stats, x, jax.random.fold_in(key, i)))
+    psnr = np.asarray(batch_psnr(state.params, state.batch_stats, x, jax.random.fold_in(key, i), check))
     total += float(psnr.sum())
     n += len(psnr)
     if i == 0 and media is not None:
+      if stop is not None and stop.signum is not None:  # Local flag: only process 0 writes media (no collective).
+        raise Abandoned(step)
       media(x)
   return total / max(n, 1)
+
+
+def _check_stop(stop, pending: Any = None) -> None:
+  """Raises ``Abandoned`` once a stop is requested; waits for ``pending`` (a chunk's arrays) first.
+
+  One process polls while the chunk runs (a signal is seen within 50 ms, not after the chunk); several
+  processes wait for it and then agree on the flag (a collective, at the same point on every process).
+  """
+  if pending is not None:
+    if jax.process_count() == 1:
+      leaves = [x for x in jax.tree.leaves(pending) if isinstance(x, jax.Array)]
+      while not all(x.is_ready() for x in leaves):
+        if stop.signum is not None:
+          raise Abandoned()
+        time.sleep(0.05)
+    else:
+      jax.block_until_ready(pending)
+  if stop.requested():
+    raise Abandoned()
 
 
 @functools.partial(jax.jit, static_argnames=('nt_pred', 'n_euler_steps'))
