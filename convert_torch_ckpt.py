@@ -12,12 +12,15 @@ Ours -> official (``model.pt`` state_dict and ``config.json`` that the official 
 
     python convert_torch_ckpt.py OUR_DIR --to_torch --out OUT_DIR [--checkpoint best|latest|STEP]
 
-Conversion is lossless in both directions. Errors are one ``error: ...`` line on stderr with exit status 2.
+OUT is new, empty or an earlier output of this converter (replaced as a whole, atomically); anything else
+only with ``--overwrite``, and never the input folder. Conversion is lossless in both directions. Errors are
+one ``error: ...`` line on stderr with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Sequence
@@ -32,12 +35,30 @@ from flax import nnx
 
 from srvp_jax import checkpoints, cli
 from srvp_jax import config as config_lib
-from srvp_jax import convert
+from srvp_jax import convert, out_folder
 from srvp_jax.model import build_model, param_count
 
 # pylint: enable=wrong-import-position
 
 OFFICIAL_MODEL = 'model.pt'
+MARKER = '.srvp_converted.json'  # Written in every output: the folder is this converter's (is_converted).
+WRITES = {MARKER, OFFICIAL_MODEL, checkpoints.CONFIG_FILE, checkpoints.OFFICIAL_CONFIG_FILE, checkpoints.CHECKPOINT_DIR}
+TOOL = 'convert_torch_ckpt.py'
+
+
+def is_converted(path: str) -> bool:
+  """Whether ``path`` holds an earlier output of this converter and nothing else (then it may be replaced)."""
+  names = set(os.listdir(path))
+  return MARKER in names and names <= WRITES
+
+
+def _mark(folder: str, direction: str, source: str) -> None:
+  with open(os.path.join(folder, MARKER), 'w', encoding='utf-8') as f:
+    json.dump({'tool': TOOL, 'direction': direction, 'source': os.path.abspath(source)}, f, indent=1)
+
+
+def _folder_of(path: str) -> str:
+  return os.path.dirname(os.path.abspath(path))
 
 
 def _describe(model, cfg) -> str:
@@ -56,30 +77,35 @@ def blank_model(cfg):
   return model
 
 
-def to_ours(checkpoint: str, config_path: str, out: str) -> str:
+def to_ours(checkpoint: str, config_path: str, out: str, overwrite: bool = False) -> str:
   """Official ``checkpoint`` + ``config_path`` -> our folder ``out`` (model saved as step 0)."""
-  folder = checkpoints.RunFolder(out)
-  if folder.has_checkpoints():
-    raise cli.UsageError(f'{out} already holds checkpoints; give a new --out folder')
+  out_folder.check(out, is_converted, TOOL, overwrite, inputs=(_folder_of(checkpoint), _folder_of(config_path)))
   cfg = config_lib.load_official_json(config_path)
   model = convert.load_state_dict(blank_model(cfg), convert.load_torch_file(checkpoint), cfg)
-  folder.save_config(cfg)
-  folder.save(0, checkpoints.model_tree(model), meta={'step': 0, 'source': os.path.abspath(checkpoint)})
-  folder.close()
+  with out_folder.replaced(out) as tmp:
+    folder = checkpoints.RunFolder(tmp)
+    try:
+      folder.save_config(cfg)
+      folder.save(0, checkpoints.model_tree(model), meta={'step': 0, 'source': os.path.abspath(checkpoint)})
+    finally:
+      folder.close()
+    _mark(tmp, 'to_ours', checkpoint)
   return f'converted {checkpoint} -> {out} (step 0): {_describe(model, cfg)}'
 
 
-def to_torch(workdir: str, which: str, out: str) -> str:
+def to_torch(workdir: str, which: str, out: str, overwrite: bool = False) -> str:
   """Our folder ``workdir`` (checkpoint ``which``) -> official ``out/model.pt`` + ``out/config.json``."""
   if os.path.isdir(workdir) and checkpoints.RunFolder(workdir).is_official():
     raise checkpoints.CheckpointNotFoundError(f'{workdir} is already an official experiment folder (config.json + '
                                               '.pt): nothing to export; drop --to_torch to convert it to ours')
+  out_folder.check(out, is_converted, TOOL, overwrite, inputs=(workdir,))
   model, cfg, step = checkpoints.load_model(workdir, which)
-  os.makedirs(out, exist_ok=True)
-  model_path = os.path.join(out, OFFICIAL_MODEL)
-  convert.save_torch_file(convert.state_dict_from_model(model), model_path)
-  checkpoints.RunFolder(out).save_official_config(cfg)
-  return f'exported {workdir} ({which}, step {step}) -> {model_path} + config.json: {_describe(model, cfg)}'
+  with out_folder.replaced(out) as tmp:
+    convert.save_torch_file(convert.state_dict_from_model(model), os.path.join(tmp, OFFICIAL_MODEL))
+    checkpoints.RunFolder(tmp).save_official_config(cfg)
+    _mark(tmp, 'to_torch', workdir)
+  return (f'exported {workdir} ({which}, step {step}) -> {os.path.join(out, OFFICIAL_MODEL)} + config.json: '
+          f'{_describe(model, cfg)}')
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,6 +117,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument('--checkpoint', help='official checkpoint file; with --to_torch: best, latest or a step')
   parser.add_argument('--config', help='official config.json (with --checkpoint PATH)')
   parser.add_argument('--to_torch', action='store_true', help='export our folder as an official checkpoint')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='replace a non-empty --out folder that is not an earlier output of this converter')
   return parser.parse_args(argv)
 
 
@@ -101,20 +129,22 @@ def run(args: argparse.Namespace) -> str:
       raise cli.UsageError('--to_torch takes our checkpoint folder as its only positional argument (no --config)')
     if not os.path.isdir(args.folder):
       raise cli.UsageError(f'checkpoint folder not found: {args.folder}')
-    return to_torch(args.folder, args.checkpoint or 'best', args.out)
+    return to_torch(args.folder, args.checkpoint or 'best', args.out, args.overwrite)
   if args.folder:
     if args.checkpoint or args.config:
       raise cli.UsageError('give either XP_DIR or --checkpoint PATH --config PATH, not both')
     if not os.path.isdir(args.folder):
       raise cli.UsageError(f'experiment folder not found: {args.folder}')
-    return to_ours(os.path.join(args.folder, args.model_name), os.path.join(args.folder, 'config.json'), args.out)
+    return to_ours(os.path.join(args.folder, args.model_name), os.path.join(args.folder, 'config.json'), args.out,
+                   args.overwrite)
   if not (args.checkpoint and args.config):
     raise cli.UsageError('give XP_DIR, or both --checkpoint PATH and --config PATH')
-  return to_ours(args.checkpoint, args.config, args.out)
+  return to_ours(args.checkpoint, args.config, args.out, args.overwrite)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one conversion; returns the exit status (2: any error, found before anything is written)."""
+  """Runs one conversion; returns the exit status (2: bad input, found before anything is written; 1: the output
+  could not be written; 130: interrupted, any earlier output left as it was)."""
   return cli.main(_main, argv)
 
 

@@ -17,6 +17,7 @@ status 2 for a bad config or workdir (one in use by another run included), 1 whe
 import difflib
 import os
 import sys
+import traceback
 
 import jax
 from absl import app, flags
@@ -47,6 +48,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(cli.error(f'{e}; usage: {USAGE}'))
+  except Exception as e:  # pylint: disable=broad-except  # The config file's own code failed (loaded here).
+    sys.exit(cli.error(config_file_error(e, argv)))
   for name in ('config', 'workdir'):
     if getattr(flags.FLAGS, name) is None:
       sys.exit(cli.error(f'--{name} is required; usage: python launch.py --config configs/NAME.py --workdir DIR'))
@@ -56,6 +59,37 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(cli.error(f'config file not found: {path}' + (f' (did you mean configs/{close[0]}?)' if close else
                                                              '; the paper setups are configs/*.py')))
   return rest
+
+
+def config_file_error(e: BaseException, argv: list[str]) -> str:
+  """One line for an error raised by the code of the config file (or of a file it imports): what and where."""
+  given = next((a.split('=', 1)[1] if '=' in a else argv[i + 2] for i, a in enumerate(argv[1:])
+                if a.split('=', 1)[0] == '--config' and ('=' in a or i + 2 < len(argv))), None)
+  if isinstance(e, SyntaxError) and e.filename:
+    where = f'{e.filename}, line {e.lineno}'
+  else:
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if not f.filename.startswith('<')
+              and 'site-packages' not in f.filename and os.path.abspath(f.filename) != os.path.abspath(__file__)]
+    ours = [f for f in frames if given and os.path.realpath(f.filename) == os.path.realpath(given)]
+    frame = (ours or frames or [None])[-1]
+    where = f'{frame.filename}, line {frame.lineno}' if frame else given
+  text = e.msg if isinstance(e, SyntaxError) else cli.first_line(e, limit=200)
+  return f'the config file {given} failed to load: {type(e).__name__}: {text} at {where}; correct it there'
+
+
+def check_workdir(workdir: str) -> None:
+  """UsageError unless ``workdir`` is a folder, or can be made one, that this user can write."""
+  path = os.path.abspath(workdir)
+  if os.path.lexists(path) and not os.path.isdir(path):
+    raise cli.UsageError(f'--workdir {workdir} is a file, not a folder: give a folder (a new one, or a run\'s to '
+                         'resume it)')
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise cli.UsageError(f'--workdir {workdir} cannot be created: {existing} is a file')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise cli.UsageError(f'--workdir {workdir} cannot be written: {existing} is not writable by this user')
 
 
 def load_config():
@@ -102,11 +136,9 @@ def initialize_distributed(cfg) -> None:
 
 
 def main(argv):
-  try:
-    return cli.main(_main, argv)
-  except KeyboardInterrupt:  # Before training installed its handlers (imports, config): nothing was written.
-    print('interrupted before training started; nothing written', file=sys.stderr, flush=True)
-    return 130
+  # Ctrl-C before training installed its handlers (imports, config, data checks): nothing was written.
+  return cli.main(_main, argv, interrupted='interrupted (Ctrl-C) before training started; nothing written',
+                  program=True)
 
 
 def _main(argv):
@@ -114,6 +146,7 @@ def _main(argv):
     raise cli.UsageError(f'unexpected arguments {argv[1:]}')
   verbose = flags.FLAGS['verbosity'].present
   cli.start(verbose=verbose, cache_compilations=True)
+  check_workdir(_WORKDIR.value)
   cfg = load_config()
   if cfg.distributed and not supervisor.is_child():
     process_id = int(cfg.process_id) if int(cfg.process_id) >= 0 else os.environ.get('JAX_PROCESS_ID')

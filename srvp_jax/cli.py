@@ -10,6 +10,7 @@ reports its errors through ``error`` with the same exit statuses.
 Errors are one ``error: ...`` line on stderr, never a traceback: ``UsageError`` (bad arguments, or
 input found unusable before any work: missing folder, checkpoint, config) exits with status 2,
 ``Failure`` (the work itself failed: out of memory, missing or broken data) with status 1.
+Ctrl-C is one ``error: interrupted ...`` line and status 130 (``main``).
 
 ``start`` is the tools' first step after parsing: it silences the libraries' INFO / WARNING logs
 (absl, orbax, TensorFlow's C++ notes) unless ``--verbose``, imports torch first when the tool will
@@ -23,7 +24,9 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Callable, Sequence
 
 from absl import logging as absl_logging
@@ -97,12 +100,71 @@ class Parser(argparse.ArgumentParser):
     raise UsageError(f'{message} (see {self.prog} --help)')
 
 
-def main(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None) -> int:
-  """Runs a tool's ``body(argv)``; a UsageError or Failure becomes its one line and exit status."""
+INTERRUPTED = 130  # 128 + SIGINT, the shells' status for Ctrl-C.
+
+
+def main(body: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None,
+         interrupted: str = 'interrupted (Ctrl-C)', program: bool | None = None) -> int:
+  """Runs a tool's ``body(argv)``; a UsageError or Failure becomes its one line and exit status.
+
+  Ctrl-C becomes ``error: <interrupted>`` and status 130: when the tool is the program (``program``, by default
+  ``argv is None``: it parses the process's own command line) through ``exit_on_ctrl_c``, otherwise (a call from
+  Python) by catching KeyboardInterrupt.
+  """
+  program = argv is None if program is None else program
+  restore = exit_on_ctrl_c(interrupted) if program else None
   try:
     return body(argv)
   except (UsageError, Failure) as e:
     return error(str(e), e.code)
+  except KeyboardInterrupt:
+    return error(interrupted, INTERRUPTED)
+  finally:
+    if restore is not None:
+      restore()
+
+
+def exit_on_ctrl_c(line: str) -> Callable[[], None] | None:
+  """Makes Ctrl-C end the process at once: ``error: <line>`` and ``os._exit(130)``; returns the undo.
+
+  Not a KeyboardInterrupt: raised inside a garbage-collection callback (JAX has one) it is printed as
+  "Exception ignored" and lost, the tool running on, and a normal interpreter exit with XLA / torch threads
+  still running can crash. A thread woken by the signal's wakeup fd ends the process also while the main thread
+  is inside a long compiled call. While another handler is installed (training saves on Ctrl-C), it stands aside.
+  What a tool leaves is what a kill would leave (the converter, evaluation and ``prepare`` write beside their
+  output and rename it into place at the end).
+  Nothing is installed outside the main thread or when SIGINT is ignored (``nohup``, background jobs).
+  """
+  if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    return None
+  lock = threading.Lock()
+
+  def leave(*_):
+    if signal.getsignal(signal.SIGINT) is not leave or not lock.acquire(blocking=False):
+      return
+    try:
+      sys.stdout.flush()
+    except (OSError, RuntimeError, ValueError):  # A reentrant call, a closed pipe: the line below matters.
+      pass
+    os.write(2, f'error: {line}\n'.encode())
+    os._exit(INTERRUPTED)  # pylint: disable=protected-access
+
+  read, write = os.pipe()
+  os.set_blocking(write, False)
+
+  def watch():
+    while True:
+      if signal.SIGINT in os.read(read, 64):
+        leave()
+
+  previous = signal.signal(signal.SIGINT, leave)
+  previous_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+  threading.Thread(target=watch, name='srvp_ctrl_c', daemon=True).start()
+
+  def restore():
+    signal.signal(signal.SIGINT, previous)
+    signal.set_wakeup_fd(previous_fd)
+  return restore
 
 
 def start(verbose: bool = False, torch_first: bool = False, cache_compilations: bool = False) -> None:
@@ -141,9 +203,19 @@ def _ours(record: logging.LogRecord) -> bool:
 
 
 def quiet_libraries() -> None:
-  """Our warnings stay; libraries' INFO and WARNING records (absl, orbax, jax) and TensorFlow's C++ notes go."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # Read when TensorFlow is imported (always later, lazily).
+  """Our warnings stay; libraries' INFO and WARNING records (absl, orbax, jax) and TensorFlow's C++ notes go.
+
+  Records reach stderr through absl's handler (absl apps: launch.py) or the root logger's handler that absl's
+  first record installs (``logging.basicConfig``) in the other tools: both get the filter. TensorFlow reads its
+  variables when imported (always later, lazily); its oneDNN note is printed whatever TF_CPP_MIN_LOG_LEVEL says,
+  so its oneDNN kernels are turned off (TensorFlow only reads records and writes events here: no numerics).
+  """
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   absl_logging.set_verbosity(absl_logging.WARNING)
-  handler = absl_logging.get_absl_handler()
-  if _ours not in handler.filters:
-    handler.addFilter(_ours)
+  if not logging.root.handlers:
+    logging.basicConfig()  # What absl's first record would do, here so that its handler gets the filter.
+  console = [h for h in logging.root.handlers if getattr(h, 'stream', None) in (sys.stderr, sys.__stderr__)]
+  for handler in [absl_logging.get_absl_handler(), *console]:
+    if _ours not in handler.filters:
+      handler.addFilter(_ours)

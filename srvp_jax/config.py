@@ -282,6 +282,24 @@ def _relation_problems(cfg: Mapping[str, Any]) -> list[str]:
   return problems
 
 
+def _official_value(key: str, value: Any, default: Any) -> Any:
+  """``value`` of an official config key as the type of our ``default``; ConfigError for a value of another kind."""
+  number = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, bool):
+    ok = isinstance(value, bool) or (number and value in (0, 1))
+    kind, value = 'true or false', bool(value) if ok else value
+  elif isinstance(default, int):
+    ok = isinstance(value, bool) or (number and float(value).is_integer())
+    kind, value = 'an integer', int(value) if ok else value
+  elif isinstance(default, float):
+    ok, kind, value = number, 'a number', float(value) if number else value
+  else:
+    ok, kind = isinstance(value, type(default)), f'a {type(default).__name__}'
+  if not ok:
+    raise ConfigError(f'{key}={value!r} is not {kind}: correct it in the config file')
+  return value
+
+
 def from_official(official: Mapping[str, Any]) -> ml_collections.ConfigDict:
   """Our config from an official ``config.json`` dict. Unknown official keys are ignored."""
   cfg = default_config()
@@ -290,14 +308,7 @@ def from_official(official: Mapping[str, Any]) -> ml_collections.ConfigDict:
       continue  # Official options we have no use for (apex_amp, n_workers, ...).
     if value is None:
       continue  # The official code uses None for "not set"; keep our default.
-    default = cfg[key]
-    if isinstance(default, bool):
-      value = bool(value)
-    elif isinstance(default, int) and not isinstance(value, bool):
-      value = int(value)
-    elif isinstance(default, float):
-      value = float(value)
-    cfg[key] = value
+    cfg[key] = _official_value(key, value, cfg[key])
   if official.get('dataset') == 'smmnist' and official.get('deterministic'):
     cfg.dataset = 'mmnist'
   validate(cfg)
@@ -330,7 +341,10 @@ def load_official_json(path: str) -> ml_collections.ConfigDict:
   missing = [k for k in MODEL_KEYS if k not in official]
   if missing:
     raise ConfigError(f'{path} lacks the model option(s) {missing}')
-  return from_official(official)
+  try:
+    return from_official(official)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {e}') from None
 
 
 def model_kwargs(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import warnings
 from typing import Any, Mapping
 
@@ -103,6 +104,11 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
       warnings.simplefilter('ignore')
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    if 'weights_only' in str(e):  # The weights-only unpickler refused it: never repeat torch's unsafe advice.
+      found = re.search(r'GLOBAL (\S+)', str(e))
+      raise CheckpointError(f'{path} is not a loadable PyTorch checkpoint: it holds objects other than tensors'
+                            f'{f" ({found.group(1)})" if found else ""}, which loading could run as code; refused '
+                            '(a checkpoint must be a state_dict of tensors)') from None
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     raise CheckpointError(f'{path} is not a loadable PyTorch checkpoint: {first}') from None
   if isinstance(obj, Mapping) and 'state_dict' in obj and isinstance(obj['state_dict'], Mapping):

@@ -21,7 +21,10 @@ library code (``srvp_jax.evaluation``).
 Outputs (``--out``, default CKPT_DIR/eval_<checkpoint>): results.json (summary), results.npz (official:
 metric -> best value per video (N,)), sample_metrics.npz (metric -> (n_samples, N) values of every sample,
 best / worst indices), random_1..5.npz, <metric>_best.npz, <metric>_worst.npz, cond_rec.npz (official:
-array ``samples`` uint8 (N, T, H, W, C)), comparison.png / comparison.gif and per_frame.png.
+array ``samples`` uint8 (N, T, H, W, C)), comparison.png / comparison.gif and per_frame.png. They are written
+beside ``--out`` and swapped in whole at the end (``srvp_jax.out_folder``): an earlier evaluation's files never
+survive beside new ones, and an interrupted evaluation leaves the earlier results. A non-empty ``--out`` holding
+anything else is refused unless ``--overwrite``.
 Noise: jax.random key(seed) -> fold_in(video index) -> fold_in(sample index), so results depend neither on
 the chunk size nor on the batch size.
 """
@@ -38,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
-from srvp_jax import checkpoints, cli, config, convert, data
+from srvp_jax import checkpoints, cli, config, convert, data, out_folder
 from srvp_jax.evaluation import learned_metrics, outputs, report, runner
 from srvp_jax.evaluation.learned_metrics import (  # pylint: disable=unused-import
     RANDOM_BACKBONE_ENV, RANDOM_BACKBONE_NOTE)
@@ -92,7 +95,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--compare_official', default=None, metavar='FILE',
                  help='JSON {metric: {"mean": m, "interval95": i}} to put next to ours (default: the paper\'s '
                       'numbers for the dataset when we have them, see README).')
-  p.add_argument('--out', default=None, metavar='DIR', help='Output folder (default: CKPT_DIR/eval_<checkpoint>).')
+  p.add_argument('--out', default=None, metavar='DIR',
+                 help='Output folder (default: CKPT_DIR/eval_<checkpoint>); an earlier evaluation\'s is replaced as a '
+                      'whole once the new results are complete.')
+  p.add_argument('--overwrite', action='store_true',
+                 help='Replace a non-empty --out folder that is not an earlier evaluation\'s.')
   p.add_argument('--lpips_backbone', default=None, metavar='PATH',
                  help='torchvision AlexNet weights alexnet-owt-7be5be79.pth (default: torch hub cache).')
   p.add_argument('--i3d_weights', default=None, metavar='PATH',
@@ -211,8 +218,10 @@ def _startup(args: argparse.Namespace) -> dict[str, Any]:
     print(f'warning: {note}', file=sys.stderr)
   name = os.path.splitext(args.model_name or 'model.pt')[0] if official else which
   out_dir = args.out or os.path.join(args.ckpt_dir, f'eval_{name}')
+  out_folder.check(out_dir, outputs.is_evaluation, 'python -m srvp_jax.evaluate', args.overwrite,
+                   inputs=(args.ckpt_dir, args.data_dir))
   try:
-    os.makedirs(out_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
   except OSError as e:
     raise cli.UsageError(f'cannot create the output folder {out_dir}: {e.strerror or e}') from None
   return dict(cfg=cfg, model=model, step=step, which=which, nt_cond=nt_cond, nt_gen=nt_gen, n_samples=n_samples,
@@ -263,7 +272,6 @@ def _main(argv: Sequence[str] | None) -> int:
     if fvd is not None:
       ours['fvd'] = {'mean': fvd, 'interval95': 0.}
     comparison = report.compare(ours, *setup['reference'])
-  outputs.write_outputs(setup['out_dir'], videos, nt_cond, res, args.n_show)
   lpips_note = None
   if 'lpips' in args.metrics:
     lpips_note = setup['lpips_path'] or RANDOM_BACKBONE_NOTE
@@ -294,8 +302,14 @@ def _main(argv: Sequence[str] | None) -> int:
       'frames_per_s_after_first_batch': res['steady_frames_per_s'],
       'wall_time_s': time.perf_counter() - wall_start,
   }
-  with open(os.path.join(setup['out_dir'], 'results.json'), 'w', encoding='utf-8') as f:
-    json.dump(report.jsonable(results), f, indent=1)
+  try:
+    with out_folder.replaced(setup['out_dir']) as tmp:  # An earlier evaluation's files are replaced as a whole.
+      outputs.write_outputs(tmp, videos, nt_cond, res, args.n_show)
+      with open(os.path.join(tmp, outputs.RESULTS), 'w', encoding='utf-8') as f:
+        json.dump(report.jsonable(results), f, indent=1)
+  except OSError as e:
+    raise cli.Failure(f'cannot write the outputs in {setup["out_dir"]} (an earlier evaluation there is kept): '
+                      f'{e.strerror or e}') from None
   print(report.format_table(summary, fvd, len(videos), n_samples, comparison))
   if lpips_note == RANDOM_BACKBONE_NOTE:
     print(f'WARNING: LPIPS computed with a RANDOM backbone ({RANDOM_BACKBONE_ENV}=1): not comparable')

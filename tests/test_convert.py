@@ -326,7 +326,8 @@ def test_export_and_usage_errors(tmp_path, capsys):
       ([GOLDEN_DCGAN, '--to_torch', '--out', str(tmp_path / 'o')], ['already an official experiment folder']),
       ([converted, '--to_torch', '--checkpoint', '7', '--out', str(tmp_path / 'o')],
        ['no checkpoint for step 7', 'available: [0]']),
-      ([GOLDEN_DCGAN, '--out', converted], ['already holds checkpoints']),
+      ([GOLDEN_DCGAN, '--out', str(tmp_path)], ['not an earlier output of convert_torch_ckpt.py', 'ours',
+                                                 '--overwrite']),
       (['--out', str(tmp_path / 'o')], ['give XP_DIR, or both --checkpoint PATH and --config PATH']),
       ([GOLDEN_DCGAN, '--config', 'c.json', '--out', str(tmp_path / 'o')], ['not both']),
   ]

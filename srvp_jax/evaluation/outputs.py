@@ -1,13 +1,33 @@
-"""Files an evaluation writes (the official ones, and figures people look at)."""
+"""Files an evaluation writes (the official ones, and figures people look at), and how to recognise them."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
 
 from srvp_jax import visualize
+
+
+RESULTS = 'results.json'
+# Every file name write_outputs and the evaluation write (results.json last).
+NAMES = re.compile(r'(results\.(json|npz)|sample_metrics\.npz|random_\d+\.npz|cond_rec\.npz|'
+                   r'[a-z]+_(best|worst)\.npz|comparison\.(png|gif)|per_frame\.png)')
+
+
+def is_evaluation(path: str) -> bool:
+  """Whether the folder ``path`` holds an earlier evaluation's outputs and nothing else (then it may be replaced)."""
+  names = os.listdir(path)
+  if RESULTS not in names or not all(NAMES.fullmatch(n) for n in names):
+    return False
+  try:
+    with open(os.path.join(path, RESULTS), encoding='utf-8') as f:
+      return 'checkpoint' in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
 
 
 def _save_samples(out_dir: str, name: str, samples: np.ndarray) -> None:

@@ -233,8 +233,6 @@ def _main(argv: Sequence[str] | None) -> int:
     lines = run(args)
   except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:  # Incl. DataError, raw's errors.
     raise cli.Failure(cli.first_line(e, limit=None)) from None
-  except KeyboardInterrupt:
-    return cli.error('interrupted', 130)
   for line in lines:
     print(line)
   return 0
