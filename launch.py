@@ -8,7 +8,7 @@ every host with ``--config.distributed=True`` (see ``initialize_distributed``).
 The flags are absl's, as in the flax examples: ml_collections' ``--config FILE`` with ``--config.KEY=VALUE``
 overrides, ``--workdir`` and ``--verbosity``; the other tools take argparse options of the same
 ``--name value`` style. Both report through ``srvp_jax.cli``: errors are one ``error: ...`` line, exit
-status 2 for a bad config or workdir, 1 when training fails (non-finite loss); 128 + the signal number
+status 2 for a bad config or workdir, 1 when training fails (non-finite loss, disk full); 128 + the signal number
 after a SIGINT/SIGTERM save.
 """
 
@@ -20,6 +20,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from srvp_jax import checkpoints
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax import data
@@ -117,11 +118,14 @@ def _main(argv):
     train.train_and_evaluate(cfg, _WORKDIR.value, progress=sys.stderr.isatty())  # The bar is for terminals.
   except train.Interrupted as e:
     return e.exit_code  # The save message is printed.
-  except train.NonFiniteError as e:
+  except (train.NonFiniteError, checkpoints.CheckpointWriteError) as e:
     raise cli.Failure(str(e)) from None
   except (config_lib.ConfigError, FileNotFoundError, DataError) as e:
     raise cli.UsageError(str(e)) from None
   except (ValueError, OSError) as e:
+    if checkpoints.is_no_space(e):  # Logs, samples: the checkpoints saved so far are intact.
+      raise cli.Failure(f'no space left on device writing in {_WORKDIR.value}: free space and rerun the same command '
+                        'to resume') from None
     if not type(e).__module__.startswith('srvp_jax'):
       raise
     raise cli.UsageError(str(e)) from None  # Bad input found by our own code (data files, checkpoints): one line.
