@@ -118,7 +118,11 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
 
 
 def all_finite(tree: Any) -> jax.Array:
-  """True when every floating-point leaf of ``tree`` is finite: one reduction, fused into the jitted step."""
+  """True when every floating-point leaf of ``tree`` is finite: one read of the tree inside the jitted step.
+
+  For the parameters and Adam's two moments that is ~12 bytes per parameter (0.3 GB for the paper's 24M
+  parameter models): a fraction of a millisecond on a GPU, beside steps of tens to hundreds of milliseconds.
+  """
   flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   return jnp.stack(flags).all() if flags else jnp.array(True)
 
