@@ -11,7 +11,7 @@ The flags are absl's, as in the flax examples: ml_collections' ``--config FILE``
 overrides, ``--workdir`` and ``--verbosity``; the other tools take argparse options of the same
 ``--name value`` style. Both report through ``srvp_jax.cli``: errors are one ``error: ...`` line, exit
 status 2 for a bad config or workdir (one in use by another run included), 1 when training fails
-(non-finite loss, a lost peer process); 128 + the signal number after a SIGINT/SIGTERM save.
+(non-finite loss, disk full, a lost peer process); 128 + the signal number after a SIGINT/SIGTERM save.
 """
 
 import difflib
@@ -23,6 +23,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from srvp_jax import checkpoints
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax import data
@@ -162,11 +163,14 @@ def _main(argv):
     train.train_and_evaluate(cfg, _WORKDIR.value, progress=progress)
   except train.Interrupted as e:
     return e.exit_code  # The save message is printed.
-  except train.NonFiniteError as e:
+  except (train.NonFiniteError, checkpoints.CheckpointWriteError) as e:
     raise cli.Failure(str(e)) from None
   except (config_lib.ConfigError, FileNotFoundError, DataError) as e:
     raise cli.UsageError(str(e)) from None
   except (ValueError, OSError) as e:
+    if checkpoints.is_no_space(e):  # Logs, samples: the checkpoints saved so far are intact.
+      raise cli.Failure(f'no space left on device writing in {_WORKDIR.value}: free space and rerun the same command '
+                        'to resume') from None
     if not type(e).__module__.startswith('srvp_jax'):
       raise
     raise cli.UsageError(str(e)) from None  # Bad input found by our own code (data files, checkpoints): one line.

@@ -10,10 +10,18 @@ Layout of a run (or converted) folder::
                              optimizer state; training only), 'meta' (step, validation PSNR) and,
                              for validated steps, orbax 'metrics' ({'val_psnr': ...})
 
-``RunFolder`` owns all of it: the run lock, resuming (the newest intact step, corrupt steps moved aside), saving
+``RunFolder`` owns all of it: the run lock, resuming (the newest intact step, damaged steps moved aside), saving
 a step with its metrics, the best step, restoring the model part alone, and the readers of official
 experiment folders (``config.json`` + ``model.pt``, converted in memory) and of the earlier layout.
 Every tree read back is checked against the config's model by one function (``check_tree``).
+
+Failures are one exception each, never library noise: a damaged step is a ``CorruptCheckpointError``
+(any damage: a missing item or file, a truncated array, unreadable metadata, non-finite values), a
+failed write a ``CheckpointWriteError`` naming the step (disk full: "no space left on device"). orbax
+and TensorStore leave asyncio work behind when a read or write fails (reads still in flight when
+orbax closes its event loop); what that work raises later, "Event loop is closed", the abandoned
+coroutines' own errors and asyncio's "Task exception was never retrieved", is dropped by filters on
+``sys.unraisablehook`` and asyncio's logger that let everything else through (``silence_async_noise``).
 
 One manager keeps, by its preservation policy, the ``keep_checkpoints`` newest steps, every
 ``keep_period``-th step (when set) and the step with the best finite validation PSNR. ``best``
@@ -29,6 +37,7 @@ import dataclasses
 import errno
 import fcntl
 import json
+import logging
 import math
 import os
 import socket
@@ -65,12 +74,82 @@ class CheckpointNotFoundError(FileNotFoundError):
 
 
 class CorruptCheckpointError(config_lib.ConfigError):
-  """A checkpoint whose files cannot be read back (truncated, flipped bytes, non-finite values)."""
+  """A checkpoint whose files cannot be read back (missing or truncated files, flipped bytes, non-finite values)."""
 
 
 class WorkdirBusyError(config_lib.ConfigError):
   """Another training run holds the workdir's lock."""
 
+class ModelMismatchError(config_lib.ConfigError):
+  """A tree whose variables (names or shapes) are not those of the config's model (``check_tree``)."""
+
+
+class CheckpointWriteError(OSError):
+  """A step could not be written (disk full, no permission); the steps saved before it are intact."""
+
+
+# What orbax's and TensorStore's asyncio leftovers raise after a failed read or write (``silence_async_noise``).
+_NOISY_LIBRARIES = tuple(os.sep + name + os.sep for name in ('orbax', 'tensorstore'))
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _async_noise(unraisable: Any) -> bool:
+  """Whether an unraisable exception is the asyncio leftover of a failed orbax / TensorStore read or write.
+
+  Two kinds: TensorStore completing a read into the event loop orbax has already closed ("Event loop is
+  closed", raised in asyncio's ``call_soon_threadsafe``), and orbax's coroutines abandoned by that loop,
+  whose own error (the damage already reported) surfaces when they are garbage-collected.
+  """
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+    return True
+  code = getattr(unraisable.object, 'cr_code', None)
+  return code is not None and any(name in code.co_filename for name in _NOISY_LIBRARIES)
+
+
+def _not_async_noise(record: logging.LogRecord) -> bool:
+  """asyncio's logger filter: its reports on orbax's / TensorStore's tasks ("Task exception was never retrieved")
+  go, the others stay."""
+  return not any(name in record.getMessage() for name in _NOISY_LIBRARIES)
+
+
+def silence_async_noise() -> None:
+  """Drops orbax's / TensorStore's asyncio leftovers; idempotent.
+
+  Two places: ``sys.unraisablehook`` (``_async_noise``) and asyncio's logger, which reports their tasks
+  garbage-collected with an error (``_not_async_noise``). Process-wide, since the leftovers surface after the
+  failed call has returned (when the reads or writes still in flight complete, or at exit); every other
+  unraisable exception and asyncio record goes on as before.
+  """
+  asyncio_logger = logging.getLogger('asyncio')
+  if _not_async_noise not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_not_async_noise)
+  if getattr(sys.unraisablehook, 'srvp_async_noise', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _async_noise(unraisable):
+      previous(unraisable)
+  hook.srvp_async_noise = True
+  sys.unraisablehook = hook
+
+
+def is_no_space(e: BaseException | None) -> bool:
+  """Whether ``e`` (or an exception it came from) says the disk or the quota is full.
+
+  Python raises ``OSError`` ENOSPC / EDQUOT; TensorStore a ``ValueError`` 'RESOURCE_EXHAUSTED: ...
+  [os_error_code='28']'.
+  """
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
+      return True
+    if any(f"os_error_code='{code}'" in str(e) for code in _NO_SPACE):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 @dataclasses.dataclass
@@ -96,7 +175,7 @@ def set_model_tree(model: nnx.Module, tree: Mapping, where: str = 'checkpoint') 
 
 
 def check_tree(want: Any, have: Any, where: str) -> None:
-  """ConfigError unless ``have`` holds the variables of ``want`` (same names, same shapes): the one check.
+  """ModelMismatchError (a ConfigError) unless ``have`` holds the variables of ``want`` (same names and shapes).
 
   ``want`` is the config's model (arrays or abstract leaves); ``have`` what a checkpoint holds (arrays,
   or orbax metadata whose leaves have a ``shape``). Names compare as '/'-joined keys (orbax stores them
@@ -109,11 +188,11 @@ def check_tree(want: Any, have: Any, where: str) -> None:
   want, have = shapes(want), shapes(have)
   if set(want) != set(have):
     diff = sorted(set(want) ^ set(have))[:5]
-    raise config_lib.ConfigError(f'{where} does not match the config\'s model: variables {diff} differ')
+    raise ModelMismatchError(f'{where} does not match the config\'s model: variables {diff} differ')
   for k, shape in want.items():
     if have[k] != shape:
-      raise config_lib.ConfigError(f'{where} does not match the config\'s model: {k} has shape {have[k]}, the '
-                                   f'config implies {shape}')
+      raise ModelMismatchError(f'{where} does not match the config\'s model: {k} has shape {have[k]}, the '
+                               f'config implies {shape}')
 
 
 def abstract(tree, sharding=None):
@@ -146,6 +225,7 @@ class RunFolder:
     self.directory = os.path.abspath(os.path.join(path, CHECKPOINT_DIR))
     self._policy = (keep, keep_period or None)
     self._managers: dict[str, ocp.CheckpointManager] = {}
+    self._writing: int | None = None  # The step whose (asynchronous) save has not been waited for yet.
 
   @classmethod
   def for_run(cls, workdir: str, cfg: Mapping[str, Any]) -> 'RunFolder':
@@ -261,6 +341,7 @@ class RunFolder:
     set, and the step with the best finite validation PSNR (the ``metrics`` given to ``save``; steps
     saved without metrics never count as best). The directory is not created here (``create``).
     """
+    silence_async_noise()
     if sub not in self._managers:
       keep, keep_period = self._policy
       policy = [policies.LatestN(n=keep),
@@ -303,32 +384,57 @@ class RunFolder:
     """Saves one step (``model_state`` a pure dict, ``opt_state`` optional) without a host copy.
 
     ``metrics`` (e.g. ``{'val_psnr': 21.3}``) rank the step for the best-checkpoint policy; a
-    non-finite value is not recorded, so it never counts as best.
+    non-finite value is not recorded, so it never counts as best. The write goes on in the background:
+    its failure is raised (``CheckpointWriteError``) by the next ``save``, ``wait_until_finished`` or ``close``.
     """
     items = {'model': ocp.args.StandardSave(model_state), 'meta': ocp.args.JsonSave(dict(meta))}
     if opt_state is not None and jax.tree.leaves(opt_state):  # A stateless optimizer has nothing to save.
       items['opt'] = ocp.args.StandardSave(opt_state)
     if metrics is not None and not all(math.isfinite(float(v)) for v in metrics.values()):
       metrics = None
-    self.manager().save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+    self.wait_until_finished()  # The previous step's write: its failure names that step.
+    self._writing = step
+    try:
+      self.manager().save(step, args=ocp.args.Composite(**items), metrics=dict(metrics) if metrics else None)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
 
   def wait_until_finished(self) -> None:
-    self.manager().wait_until_finished()
+    """Waits for the save in flight; ``CheckpointWriteError`` (once) if it failed."""
+    try:
+      for mngr in self._managers.values():
+        mngr.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(e) from None
+    self._writing = None
+
+  def _write_error(self, e: Exception) -> CheckpointWriteError:
+    """The one-line error of the failed write of the step in flight (the steps saved before are intact)."""
+    step, self._writing = self._writing, None
+    what = f'checkpoint {step}' if step is not None else 'a checkpoint'
+    if is_no_space(e):
+      return CheckpointWriteError(f'no space left on device writing {what} in {self.directory}: free space and '
+                                  'rerun the same command to resume')
+    return CheckpointWriteError(f'cannot write {what} in {self.directory} ({_first_line(e)}); the checkpoints '
+                                'saved before it are intact: fix this and rerun the same command to resume')
 
   def close(self) -> None:
-    """Waits for the saves in flight and releases the managers."""
-    for mngr in self._managers.values():
-      mngr.wait_until_finished()
-      mngr.close()
-    self._managers.clear()
+    """Waits for the saves in flight and releases the managers (``CheckpointWriteError`` if a save failed)."""
+    try:
+      self.wait_until_finished()
+    finally:
+      for mngr in self._managers.values():
+        mngr.close()
+      self._managers.clear()
 
   def restore(self, step: int, model_template: Any, opt_template: Any = None, sub: str = CHECKPOINT_DIR):
     """(model pure dict, meta, opt_state or None) of ``step``, checked.
 
     Templates are abstract trees (``abstract``), whose shardings say where the arrays go; without
     ``opt_template`` only the model part is read. A tree that contradicts the template raises
-    ``ConfigError`` ("does not match the config's model"); unreadable files or non-finite values raise
-    ``CorruptCheckpointError``.
+    ``ModelMismatchError`` ("does not match the config's model"), step 0 without optimizer state (a
+    converted model) asked for one ``ConfigError``; any damage (missing item or file, unreadable metadata
+    or arrays, non-finite values) raises ``CorruptCheckpointError``.
     """
     mngr, where = self.manager(sub), f'checkpoint {self.step_path(step, sub)}'
     stateless = opt_template is not None and not jax.tree.leaves(opt_template)
@@ -340,7 +446,9 @@ class RunFolder:
                                    f'{_first_line(e)})') from None
     if (opt_template is not None and not stateless and stored is not None and metadata.get('opt') is None
         and not os.path.isdir(os.path.join(self.step_path(step, sub), 'opt'))):
-      raise config_lib.ConfigError(f'{where} holds a model without optimizer state (a converted checkpoint?): to '
+      if step:  # Training saves steps >= 1, always with the optimizer state: this one lost it.
+        raise CorruptCheckpointError(f'{where} is incomplete (its optimizer state, opt/, is missing)')
+      raise config_lib.ConfigError(f'{where} holds a model without optimizer state (a converted checkpoint): to '
                                    f'train from it use --config.init_from={self.path} with a new --workdir')
     if stored is None:
       raise CorruptCheckpointError(f'{where} is corrupt or truncated (no model item)')
@@ -374,10 +482,13 @@ class RunFolder:
 
   # A run. ------------------------------------------------------------------------------------------------------------
   def resume(self, cfg: Mapping[str, Any], abstract_model: Any, abstract_opt: Any) -> Resume:
-    """Where a run in this folder starts: the newest intact step (unreadable newer ones listed), or step 0.
+    """Where a run in this folder starts: the newest intact step (the damaged newer ones listed), or step 0.
 
-    Refuses (``ConfigError``) a folder of the earlier layout, checkpoints of another model (STATE_KEYS),
-    and a folder whose every step is unreadable (``CorruptCheckpointError``). Writes nothing.
+    A step is damaged when it cannot be read back whole (``CorruptCheckpointError``), or when its variables
+    differ from the model's although an older step of the same folder matches (its metadata was
+    damaged). Refuses (``ConfigError``) a folder of the earlier layout, checkpoints of another model
+    (STATE_KEYS, or no step matching the model), a converted model, and a folder whose every step is
+    damaged (``CorruptCheckpointError``). Writes nothing.
     """
     if self.is_legacy():
       raise config_lib.ConfigError(self.legacy_hint())
@@ -387,14 +498,18 @@ class RunFolder:
       if conflicts:
         raise config_lib.ConfigError(f"{self.path} holds checkpoints of another model ({'; '.join(conflicts)}); "
                                      'drop these overrides to resume, or use another --workdir')
-    start = Resume()
+    start, errors = Resume(), []
     for step in steps:
       try:
         start.model, _, start.opt = self.restore(step, abstract_model, abstract_opt)
         start.step = int(step)
         return start
-      except CorruptCheckpointError as e:
+      except (CorruptCheckpointError, ModelMismatchError) as e:
         start.skipped.append((int(step), str(e)))
+        errors.append(e)
+    mismatches = [e for e in errors if isinstance(e, ModelMismatchError)]
+    if mismatches:  # No step fits the model: another model, not damage.
+      raise mismatches[0]
     if start.skipped:
       raise CorruptCheckpointError(f'no intact checkpoint in {self.directory}: {start.skipped[0][1]}; move the '
                                    'folder aside to start afresh')

@@ -197,9 +197,10 @@ def compilation_cache() -> str:
 
 
 def _ours(record: logging.LogRecord) -> bool:
-  """Records of our code (and launch.py) and libraries' errors pass; libraries' INFO and WARNING do not."""
+  """Records of our code (and launch.py) and libraries' errors pass; libraries' INFO and WARNING do not, nor
+  orbax's errors: a failed checkpoint read or write reaches our code as an exception, reported in one line."""
   ours = os.sep + 'srvp_jax' + os.sep in record.pathname or record.pathname.endswith('launch.py')
-  return ours or record.levelno >= logging.ERROR
+  return ours or (record.levelno >= logging.ERROR and os.sep + 'orbax' + os.sep not in record.pathname)
 
 
 def quiet_libraries() -> None:

@@ -34,7 +34,7 @@ from srvp_jax.train.runtime import Console, Interrupted, StopRequest, clu_module
 
 
 class NonFiniteError(FloatingPointError):
-  """The loss or the gradients became NaN/inf; the last good checkpoint is left untouched."""
+  """The loss, the gradients or the updated state became NaN/inf; the last good checkpoint is left untouched."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +69,18 @@ class PeriodicActions:
 # --------------------------------------------------------------------------------------------------
 # The loop.
 def _check_finite(state: step_lib.TrainState, folder: checkpoints.RunFolder) -> None:
-  """Raises NonFiniteError (with the step) once a step has met a non-finite loss or gradient."""
+  """Raises NonFiniteError (with the step) once a step has met a non-finite loss, gradient or update.
+
+  Called before every save: the step kept the state of a bad step's start, and the saved steps all hold
+  finite states (``step_lib.make_train_step``).
+  """
   bad = int(jax.device_get(state.bad_step))
   if bad >= 0:
     last = folder.latest_step()
     kept = (f'the last good checkpoint (step {last}) in {folder.directory} is kept' if last is not None
             else 'no checkpoint had been written yet')
-    raise NonFiniteError(f'non-finite loss or gradient at step {bad}; training stopped, {kept} (lower lr, check '
-                         'the data)')
+    raise NonFiniteError(f'non-finite loss, gradient or update at step {bad}; training stopped, {kept} (lower lr, '
+                         'check the data)')
 
 
 def train_and_evaluate(cfg, workdir: str, *, train_batches: Callable[[int], Iterator[np.ndarray]] | None = None,

@@ -60,7 +60,7 @@ def total_steps(cfg: Mapping[str, Any]) -> int:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
-  """Everything a step changes. ``bad_step`` is -1 until a non-finite loss/gradient appears."""
+  """Everything a step changes. ``bad_step`` is -1 until a step meets a non-finite loss, gradient or update."""
   step: jax.Array
   params: Any  # nnx.State of nnx.Param.
   batch_stats: Any  # nnx.State of the other variables (BatchNorm statistics).
@@ -78,7 +78,9 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
   """The pure train step ``(state, batch, key) -> (state, metrics)`` (not yet jitted).
 
   ``key`` is the run's base key; the step's noise key is ``fold_in(key, step)``. A non-finite
-  loss or gradient leaves the state unchanged and records the step in ``bad_step``.
+  loss, gradient or updated state (parameters, BatchNorm statistics, optimizer state) leaves the state
+  unchanged and records the step in ``bad_step``: a state that passed every step is finite, so is every
+  checkpoint of it.
   """
   weights = objective.loss_weights(cfg)
   n_euler = int(cfg['n_euler_steps'])
@@ -95,9 +97,11 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
 
     grads, (terms, new_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(terms['loss']) & jnp.isfinite(grad_norm) & (state.bad_step < 0)
     updates, new_opt = tx.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
+    # The updated state too (a non-finite learning rate, an overflowing update): what a checkpoint would hold.
+    finite = (jnp.isfinite(terms['loss']) & jnp.isfinite(grad_norm) & all_finite((new_params, new_stats, new_opt))
+              & (state.bad_step < 0))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
     new_state = TrainState(
         step=jnp.where(finite, state.step + 1, state.step),
@@ -111,6 +115,16 @@ def make_train_step(graphdef, cfg: Mapping[str, Any], tx: optax.GradientTransfor
     return new_state, metrics
 
   return train_step
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every floating-point leaf of ``tree`` is finite: one read of the tree inside the jitted step.
+
+  For the parameters and Adam's two moments that is ~12 bytes per parameter (0.3 GB for the paper's 24M
+  parameter models): a fraction of a millisecond on a GPU, beside steps of tens to hundreds of milliseconds.
+  """
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.array(True)
 
 
 def make_lr(cfg: Mapping[str, Any]) -> Callable[[jax.Array], jax.Array]:
