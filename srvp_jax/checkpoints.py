@@ -108,9 +108,16 @@ def _async_noise(unraisable: Any) -> bool:
 
 
 def _not_async_noise(record: logging.LogRecord) -> bool:
-  """asyncio's logger filter: its reports on orbax's / TensorStore's tasks ("Task exception was never retrieved")
-  go, the others stay."""
-  return not any(name in record.getMessage() for name in _NOISY_LIBRARIES)
+  """asyncio's logger filter: its reports on orbax's / TensorStore's tasks and futures ("Task exception was never
+  retrieved": named in the message, or raised in their code) go, the others stay."""
+  if any(name in record.getMessage() for name in _NOISY_LIBRARIES):
+    return False
+  tb = record.exc_info[2] if record.exc_info else None
+  while tb is not None:
+    if any(name in tb.tb_frame.f_code.co_filename for name in _NOISY_LIBRARIES):
+      return False
+    tb = tb.tb_next
+  return True
 
 
 def silence_async_noise() -> None:
