@@ -38,6 +38,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 EXTRA_DEFAULTS: dict[str, Any] = dict(
     compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
     precision='float32',  # float32 compute: 'float32' (true float32) or 'tensorfloat32' (TF32 on A100 / H100 GPUs).
+    scan_unroll=0,  # Frames (Euler, LSTM steps) per loop iteration of the model's scans; True: all; 0: per backend.
     param_dtype='float32',  # Parameters, statistics, accumulations: 'float32' ('float64': reference replay, x64).
     init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
     keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
@@ -144,6 +145,10 @@ def validate(cfg: Mapping[str, Any]) -> None:
   if cfg.get('precision', 'float32') not in PRECISIONS:
     raise ConfigError(f"precision={cfg['precision']!r}: expected one of {PRECISIONS} (float32 convolutions and "
                       'matrix products; bfloat16 compute is compute_dtype=bfloat16)')
+  unroll = cfg.get('scan_unroll', 0)
+  if not (unroll is True or (isinstance(unroll, int) and not isinstance(unroll, bool) and unroll >= 0)):
+    raise ConfigError(f'scan_unroll={unroll!r}: expected an integer >= 1, True (fully unrolled scans) or 0 (the '
+                      'backend\'s: 1 on CPUs and TPUs, True on GPUs)')
   if cfg['param_dtype'] not in ('float32', 'float64'):
     raise ConfigError(f"param_dtype={cfg['param_dtype']!r}: expected 'float32' or 'float64' (float64 needs "
                       'jax_enable_x64)')
