@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from srvp_jax import benchmark, config as config_lib, gpu_check
+from srvp_jax import benchmark, cli, config as config_lib, gpu_check
 from srvp_jax.model import backend, build_model, layers
 
 TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2, nt_inf=2, batch_size_test=2,
@@ -155,6 +155,16 @@ def _tiny(dtype='float32', precision='float32', **extra):
   return benchmark.load_config('smmnist', batch=4, dtype=dtype, precision=precision, overrides={**TINY, **extra})
 
 
+def test_benchmark_measures_scan_unrolling_side_by_side_and_records_what_ran():
+  assert benchmark.parse_args(['--scan_unroll', '1,full']).scan_unroll == [1, True]
+  with pytest.raises(cli.UsageError, match='--scan_unroll'):
+    benchmark.parse_args(['--scan_unroll', '0'])
+  assert benchmark.parse_args(benchmark.GPU_TABLE['scan_unroll']).scan_unroll == [1, True]
+  # What a row records: the config's unrolling, else the backend's.
+  assert benchmark.scan_unroll(_tiny()) == 1 and benchmark.scan_unroll(_tiny(), 'gpu') is True
+  assert benchmark.scan_unroll(_tiny(scan_unroll=3), 'gpu') == 3
+
+
 @needs_plugin
 def test_small_config_compiles_for_an_h100_with_cudnn_convolutions_in_float32():
   cfg = _tiny()
@@ -166,6 +176,9 @@ def test_small_config_compiles_for_an_h100_with_cudnn_convolutions_in_float32():
   # The donated state is aliased to the new state: one copy of parameters and optimizer state.
   assert train.alias_bytes >= train.state_bytes > 0
   assert train.fits and train.flops and train.flops > 0
+  # The GPU default unrolls the model's scans fully: no loop left in the train step.
+  assert train.scan_unroll is True and c['while_loops'] == c['loop_iterations'] == 0
+  assert c['kernel_launches'] == c['kernels'] > 0
   for check in (gpu_check.check_val, gpu_check.check_eval):
     r = check(cfg)
     assert r.census['xla_convs'] == 0 and r.census['cudnn_convs'] > 0 and r.fits
@@ -199,7 +212,7 @@ def test_cli_prints_the_table_and_reports_a_program_that_would_not_fit(tmp_path,
   captured = capsys.readouterr()
   assert 'deviceless compile for h100' in captured.out and 'smmnist ' in captured.out and 'error' not in captured.err
   (row,) = json.loads(out.read_text())['rows']
-  assert row['program'] == 'val' and row['fits'] and row['census']['xla_convs'] == 0
+  assert row['program'] == 'val' and row['fits'] and row['census']['xla_convs'] == 0 and row['scan_unroll'] is True
 
   real = gpu_check.CHECKS['val']
 
