@@ -18,9 +18,9 @@ PLATFORMS = ('cpu', 'gpu', 'tpu')
 _ALIASES = {'cuda': 'gpu', 'rocm': 'gpu'}
 # Time steps per loop iteration of the model's frame, Euler and LSTM scans (``jax.lax.scan``'s ``unroll``; True:
 # fully unrolled, no loop). GPUs: XLA's GPU runtime drives every loop iteration from the host, and a fully
-# unrolled train step launches half the kernels (Moving MNIST at 128: 970 launches per step instead of 1,999 in
-# 58 loop iterations; BAIR likewise) for the same memory. CPUs: the loop costs nothing measurable and unrolling
-# only lengthens compilation. TPUs: loops run on the device (not measured: kept rolled). BENCHMARKS.md, GPU.
+# unrolled train step launches half the kernels (Moving MNIST at 128: 970 per step instead of 1,999 in 58 loop
+# iterations; BAIR at 192: 1,509 instead of 3,208 in 90) for the same memory. CPUs: the same step time and
+# 36-40% longer compiles. TPUs: loops run on the device (not measured: kept rolled). BENCHMARKS.md, GPU.
 SCAN_UNROLL: dict[str, int | bool] = {'cpu': 1, 'gpu': True, 'tpu': 1}
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar('srvp_target_platform', default=None)
 
