@@ -17,7 +17,8 @@ What is measured, for each paper config (``configs/<name>.py``) and compute dtyp
   (``PEAK_FLOPS``), the model FLOPs utilisation. XLA's cost analysis counts a loop body once, so the
   per-frame LSTM / MLP scans are undercounted; they are well under 1% of a step's FLOPs (convolutions
   dominate), so TFLOP/s and MFU are slightly low, never high. A "donated buffers were not usable"
-  warning, if any, is recorded in the row.
+  warning, if any, is recorded in the row, and so are the ``precision`` and the scan unrolling
+  (``scan_unroll``, the config's or the backend's) that ran; ``--scan_unroll 1,full`` times both side by side.
 * **PyTorch baseline** (``time_torch_train_step``, ``--torch``, float32 rows): the official step in
   PyTorch (``srvp_jax.torch_srvp.make_train_step``: forward, loss, backward, Adam) at the same config and
   batch, on CUDA when torch has it, with the same warm-up / timed steps and median; the row gets
