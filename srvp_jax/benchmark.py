@@ -17,7 +17,8 @@ What is measured, for each paper config (``configs/<name>.py``) and compute dtyp
   (``PEAK_FLOPS``), the model FLOPs utilisation. XLA's cost analysis counts a loop body once, so the
   per-frame LSTM / MLP scans are undercounted; they are well under 1% of a step's FLOPs (convolutions
   dominate), so TFLOP/s and MFU are slightly low, never high. A "donated buffers were not usable"
-  warning, if any, is recorded in the row.
+  warning, if any, is recorded in the row, and so are the ``precision`` and the scan unrolling
+  (``scan_unroll``, the config's or the backend's) that ran; ``--scan_unroll 1,full`` times both side by side.
 * **PyTorch baseline** (``time_torch_train_step``, ``--torch``, float32 rows): the official step in
   PyTorch (``srvp_jax.torch_srvp.make_train_step``: forward, loss, backward, Adam) at the same config and
   batch, on CUDA when torch has it, with the same warm-up / timed steps and median; the row gets
@@ -63,14 +64,18 @@ import warnings
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from srvp_jax import cli
 from srvp_jax import config as config_lib
-from srvp_jax import evaluation, gpu_check, sharding, train
+from srvp_jax import evaluation, gpu_check, import_order, sharding
 from srvp_jax.evaluation import learned_metrics, report, sampling
-from srvp_jax.model import build_model
+from srvp_jax.model import backend, build_model, conv, layers, onednn
+from srvp_jax.model.onednn import ops
+from srvp_jax.train import step as train_step
 
 if TYPE_CHECKING:
   import torch
@@ -145,7 +150,6 @@ def eval_dataset(cfg: Mapping[str, Any]) -> str:
 # Device facts.
 def device_info() -> dict[str, Any]:
   """The first device's kind and platform, the device count, the software versions and the date."""
-  import jax  # pylint: disable=import-outside-toplevel
   dev = jax.devices()[0]
   info = {'device': dev.device_kind, 'platform': dev.platform, 'n_devices': jax.device_count(),
           'jax': jax.__version__, 'cpu_count': os.cpu_count(),
@@ -170,7 +174,6 @@ def peak_flops(device_kind: str, dtype: str, precision: str = 'float32') -> floa
 
 def peak_memory() -> tuple[int | None, str]:
   """(bytes, what): the device's peak bytes in use, or on CPU the process's peak resident set."""
-  import jax  # pylint: disable=import-outside-toplevel
   stats = sampling.memory_stats(jax.devices()[0])
   if stats and 'peak_bytes_in_use' in stats:
     return int(stats['peak_bytes_in_use']), 'device peak_bytes_in_use (process so far)'
@@ -255,7 +258,7 @@ def _torch_setup(threads: int | None, seed: int) -> torch.device:
   Sets the intra-op threads when given, the seed and, on CUDA, ``cudnn.benchmark = True`` as the official
   ``train.py`` does (the autotuning happens in the warm-up steps).
   """
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
   if threads:
     torch.set_num_threads(int(threads))
   torch.manual_seed(seed)
@@ -266,7 +269,7 @@ def _torch_setup(threads: int | None, seed: int) -> torch.device:
 
 
 def _torch_sync(device: torch.device) -> None:
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
   if device.type == 'cuda':
     torch.cuda.synchronize(device)
 
@@ -297,11 +300,7 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   step), tflops_per_s (all devices), mfu (None when the device's peak is unknown) and the donation
   warnings seen (``warnings``, empty when none).
   """
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import sharding  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
-  from srvp_jax.train import step as train_step  # pylint: disable=import-outside-toplevel
 
   batch, nt, nc = int(cfg.batch_size), int(cfg.seq_len), int(cfg.nc)
   mesh = sharding.make_mesh(cfg)
@@ -345,8 +344,8 @@ def time_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: i
   mem, mem_kind = peak_memory()
   row = {
       'kind': 'train', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
-      'precision': str(cfg.precision), 'batch': batch, 'seq_len': nt, 'devices': n_dev, 'warmup': warmup,
-      'steps': steps, 'median_s': median,
+      'precision': str(cfg.precision), 'scan_unroll': scan_unroll(cfg), 'batch': batch, 'seq_len': nt,
+      'devices': n_dev, 'warmup': warmup, 'steps': steps, 'median_s': median,
       'min_s': min(times), 'times_s': times, 'videos_per_s': batch / median, 'lower_s': t_lower,
       'compile_s': compile_s, 'first_step_s': first_step_s, 'peak_memory_bytes': mem, 'peak_memory_kind': mem_kind,
       'program_bytes': _program_bytes(compiled), 'flops': flops,
@@ -367,9 +366,8 @@ def time_torch_train_step(cfg: ml_collections.ConfigDict, *, warmup: int = 2, st
   On CUDA when torch has it (synchronised after each step). Returns torch_s (median), torch_min_s,
   torch_times_s, torch_device, torch_threads and, on CUDA, torch_peak_memory_bytes.
   """
-  import torch  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
+  from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel  # It imports torch (import_order).
   device = _torch_setup(threads, seed)
   model = torch_srvp.TorchSRVP(cfg).to(device)
   step = torch_srvp.make_train_step(model, cfg)
@@ -415,9 +413,7 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   with frames_per_s (the steady rate after the first batch when there are several batches, else the
   overall rate), total_s, warmup_s, the protocol's settings and the peak memory.
   """
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   dataset = eval_dataset(cfg)
   nt_gen = int(nt_gen or config_lib.PAPER_TEST[dataset]['nt_gen'])
   n_samples = int(n_samples or config_lib.PAPER_TEST[dataset]['n_samples'])
@@ -445,9 +441,9 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
   mem, mem_kind = peak_memory()
   row = {
       'kind': 'eval', 'config': label or str(cfg.dataset), 'dtype': str(cfg.compute_dtype),
-      'precision': str(cfg.precision), 'batch': batch, 'metrics': list(metrics), 'n_videos': int(n_videos),
-      'n_samples': n_samples, 'nt_cond': nt_cond,
-      'nt_gen': nt_gen, 'n_euler_steps': n_euler, 'sample_chunk': chunk, 'predicted_frames': res['predicted_frames'],
+      'precision': str(cfg.precision), 'scan_unroll': scan_unroll(cfg), 'batch': batch, 'metrics': list(metrics),
+      'n_videos': int(n_videos), 'n_samples': n_samples, 'nt_cond': nt_cond, 'nt_gen': nt_gen,
+      'n_euler_steps': n_euler, 'sample_chunk': chunk, 'predicted_frames': res['predicted_frames'],
       'frames_per_s': fps, 'frames_per_s_overall': res['predicted_frames'] / res['sampling_time_s'],
       'steady_rate': steady is not None, 'sampling_time_s': res['sampling_time_s'], 'total_s': total_s,
       'warmup_s': warmup_s, 'peak_memory_bytes': mem, 'peak_memory_kind': mem_kind, 'host_other_cores': others,
@@ -462,8 +458,8 @@ def time_evaluation(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples:
 
 def _torch_ssim(pred: 'torch.Tensor', target: 'torch.Tensor') -> 'torch.Tensor':
   """SSIM per frame of (N, C, H, W) tensors in [0, 1]: 11x11 Gaussian window (sigma 1.5), valid, k1 .01, k2 .03."""
-  import torch  # pylint: disable=import-outside-toplevel
-  import torch.nn.functional as F  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
+  F = torch.nn.functional
   taps = torch.arange(11, dtype=torch.float32, device=pred.device) - 5
   g = torch.exp(-taps ** 2 / (2 * 1.5 ** 2))
   g = g / g.sum()
@@ -488,9 +484,8 @@ def time_test_py(cfg: ml_collections.ConfigDict, *, n_videos: int, n_samples: in
   its predicted frames; best / worst per video kept as it goes. Random uint8 videos as ``time_evaluation``
   (same seed). Returns test_py_s (total), its per-sample median and the device.
   """
-  import torch  # pylint: disable=import-outside-toplevel
-
-  from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
+  from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel  # It imports torch (import_order).
   device = _torch_setup(threads, seed)
   dataset = eval_dataset(cfg)
   nt_gen = int(config_lib.PAPER_TEST[dataset]['nt_gen'])
@@ -540,8 +535,6 @@ MODES = ('fwd', 'fwd+bwd')
 
 
 def _sum_outputs(tree: Any) -> Any:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return sum(jnp.sum(a.astype(jnp.float32)) for a in jax.tree.leaves(tree))
 
 
@@ -552,8 +545,6 @@ def _jax_layer_fns(model: Any, layer: str, cfg: ml_collections.ConfigDict) -> tu
   the outputs and the layer's updated BatchNorm statistics; ``fwd_bwd`` the gradients w.r.t. parameters
   and inputs of the sum of every output, and the statistics.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   n_euler = int(cfg.n_euler_steps)
   paths = {'encoder': ('encoder',), 'decoder': ('decoder',), 'dynamics': ('p_z', 'dynamics'),
            'lstm': ('inf_z',)}[layer]
@@ -583,7 +574,7 @@ def _jax_layer_fns(model: Any, layer: str, cfg: ml_collections.ConfigDict) -> tu
 def _torch_layer_fns(tmodel: Any, layer: str, cfg: ml_collections.ConfigDict, inputs: Sequence[Any],
                      device: torch.device) -> tuple[Callable, Callable]:
   """(fwd, fwd_bwd) closures timing one layer of TorchSRVP (training mode, synchronised)."""
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
   n_euler = int(cfg.n_euler_steps)
 
   def apply(*xs):
@@ -639,9 +630,7 @@ def time_layers(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int =
   compile_s and, with ``with_torch`` (float32 rows only), torch_s and ratio = torch_s / median_s for the
   same layer of TorchSRVP.
   """
-  import jax  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   b, nt, nc = int(cfg.batch_size), int(cfg.seq_len), int(cfg.nc)
   n = b * nt
   skipco = bool(cfg.skipco)
@@ -655,9 +644,8 @@ def time_layers(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int =
   model = build_model(cfg, jax.random.key(seed))
   tmodel, to_torch, device = None, None, None
   if with_torch and cfg.compute_dtype == 'float32':
-    import torch  # pylint: disable=import-outside-toplevel
-
-    from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel
+    torch = import_order.import_torch()
+    from srvp_jax import torch_srvp  # pylint: disable=import-outside-toplevel  # It imports torch (import_order).
     device = _torch_setup(threads, seed)
     tmodel = torch_srvp.TorchSRVP(cfg).to(device).train()
     to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -709,11 +697,7 @@ CONV_PASSES = ('fwd', 'input grad', 'kernel grad')
 def conv_shapes(cfg: ml_collections.ConfigDict) -> list[tuple[bool, int, int, int, int, int, int]]:
   """(transposed, input size, n_in, n_out, kernel, stride, padding) of the convolutions of the config's encoder
   and decoder that the model routes through ``srvp_jax.model.onednn`` (recorded while tracing them)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import conv, onednn  # pylint: disable=import-outside-toplevel
   seen: dict[tuple, None] = {}
 
   def recorder(transpose):
@@ -754,12 +738,7 @@ def time_convs(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int = 
   """Each convolution of the model (``conv_shapes``) on B*T frames, each pass on its own: oneDNN (``median_s``),
   XLA's form of the layer (``xla_s``; transposed layers: ``ConvTranspose2d.xla_form``) and, with ``with_torch``,
   PyTorch's ``aten.convolution`` / ``convolution_backward`` on NCHW tensors (``torch_s``, ``ratio``)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import layers, onednn  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model.onednn import ops  # pylint: disable=import-outside-toplevel
   if not onednn.available():
     raise RuntimeError('oneDNN convolutions unavailable (apt-get install -y libdnnl-dev)')
   n = int(cfg.batch_size) * int(cfg.seq_len)
@@ -787,7 +766,7 @@ def time_convs(cfg: ml_collections.ConfigDict, *, warmup: int = 2, steps: int = 
     name = f"{'deconv' if transpose else 'conv'} {size}x{size} {n_in}->{n_out} k{k}s{s}"
     torch_args = None
     if device is not None:
-      import torch  # pylint: disable=import-outside-toplevel
+      torch = import_order.import_torch()
       t = lambda a, perm: torch.from_numpy(np.ascontiguousarray(np.asarray(a).transpose(perm))).to(device)
       tx, tg = t(x, (0, 3, 1, 2)), t(g, (0, 3, 1, 2))
       tw = t(w, (2, 3, 0, 1) if transpose else (3, 2, 0, 1))
@@ -913,6 +892,25 @@ def _onednn_modes(text: str) -> list[str]:
   return modes
 
 
+def _unrolls(text: str) -> list[int | bool]:
+  values = []
+  for name in _names(text):
+    if name != 'full' and not (name.isdigit() and int(name) >= 1):
+      raise argparse.ArgumentTypeError(f'--scan_unroll {name!r}: expected integers >= 1 or full')
+    values.append(True if name == 'full' else int(name))
+  return values
+
+
+def unroll_text(unroll: int | bool) -> str:
+  """'full' for a fully unrolled scan, else the number of steps per loop iteration."""
+  return 'full' if unroll is True else str(unroll)
+
+
+def scan_unroll(cfg: Mapping[str, Any], platform: str | None = None) -> int | bool:
+  """The scan unrolling a config's model runs with on ``platform`` (default: this process's backend)."""
+  return cfg.get('scan_unroll', 0) or backend.SCAN_UNROLL[backend.normalize(platform or jax.default_backend())]
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
   """'k=v,k=v' -> {k: v} with each value parsed as the type of the key's default (unknown keys: errors)."""
   defaults = config_lib.default_config()
@@ -972,6 +970,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--threads', type=_int_at_least(1), default=None, help='torch.set_num_threads (default: torch\'s).')
   p.add_argument('--override', type=parse_overrides, default={}, metavar='KEY=VALUE,...',
                  help='Config values to override in every config (e.g. a tiny model for smoke tests).')
+  p.add_argument('--scan_unroll', type=_unrolls, default=None, metavar='LIST',
+                 help='Scan unrolling of the model (steps per loop iteration, or full) to measure side by side, e.g. '
+                      '1,full (default: the backend\'s, 1 on CPUs, full on GPUs).')
   p.add_argument('--precision', default='float32', choices=config_lib.PRECISIONS,
                  help='float32 convolutions and matrix products: float32 (true float32, default) or tensorfloat32.')
   p.add_argument('--target', default=None, choices=sorted(gpu_check.TARGETS),
@@ -983,7 +984,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--gpu_table', default=None, metavar='DIR',
                  help='On a GPU machine: the whole GPU table of BENCHMARKS.md (every paper config at its paper batch, '
                       'float32 and bfloat16 beside PyTorch, then 256 BAIR test videos x 100 samples); rows in '
-                      'DIR/{train,eval_bair}.json. Other options are ignored.')
+                      'DIR/{train,scan_unroll,eval_bair}.json. Other options are ignored.')
   return p.parse_args(argv)
 
 
@@ -997,7 +998,6 @@ def _programs(text: str) -> list[str]:
 
 def _attempt(fn: Callable[[], Any], row_base: Mapping[str, Any]) -> tuple[Any, dict | None]:
   """Runs a measurement; a runtime failure (out of memory, ...) becomes a row with 'error'."""
-  import jax  # pylint: disable=import-outside-toplevel
   try:
     return fn(), None
   except (jax.errors.JaxRuntimeError, RuntimeError, MemoryError) as e:
@@ -1012,10 +1012,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   return cli.main(_main, argv)
 
 
-# The GPU table of BENCHMARKS.md (``--gpu_table``): the train steps, then the full BAIR test evaluation.
+# The GPU table of BENCHMARKS.md (``--gpu_table``): the train steps, the scan unrolling, then the full BAIR test
+# evaluation.
 GPU_TABLE = {
     'train': ['--configs', ','.join(PAPER_CONFIGS), '--dtypes', 'float32,bfloat16', '--torch', '--steps', '20',
               '--warmup', '3'],
+    # The model's scans rolled (1) and fully unrolled (full, the GPU default) at the targets' dtype.
+    'scan_unroll': ['--configs', 'smmnist,bair', '--dtypes', 'bfloat16', '--scan_unroll', '1,full', '--steps', '20',
+                    '--warmup', '3'],
     'eval_bair': ['--configs', 'bair', '--dtypes', 'bfloat16', '--steps', '1', '--warmup', '0', '--eval',
                   '--eval_videos', '256'],
 }
@@ -1031,10 +1035,13 @@ def _main(argv: Sequence[str] | None) -> int:
     verbose = ['--verbose'] if args.verbose else []
     return max(_main(extra + verbose + ['--json', os.path.join(args.gpu_table, f'{name}.json')])
                for name, extra in GPU_TABLE.items())
+  unrolls = args.scan_unroll or [None]
+  variants = {name if len(unrolls) == 1 else f'{name} scan_unroll={unroll_text(u)}': (name, u)
+              for name in args.configs for u in unrolls}  # Label -> (config, scan unrolling).
   try:
-    configs = {(name, dtype): load_config(name, batch=args.batch, dtype=dtype, precision=args.precision,
-                                          overrides=args.override)
-               for name in args.configs for dtype in args.dtypes}
+    configs = {(label, dtype): load_config(name, batch=args.batch, dtype=dtype, precision=args.precision,
+                                           overrides={**args.override, **({'scan_unroll': u} if u else {})})
+               for label, (name, u) in variants.items() for dtype in args.dtypes}
   except config_lib.ConfigError as e:
     raise cli.UsageError(str(e)) from None
   if args.json:
@@ -1049,7 +1056,7 @@ def _main(argv: Sequence[str] | None) -> int:
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   cli.start(args.verbose, torch_first=args.torch or args.eval)
   if args.threads and (args.torch or args.eval):
-    import torch  # pylint: disable=import-outside-toplevel
+    torch = import_order.import_torch()
     torch.set_num_threads(args.threads)
   try:
     mesh = sharding.make_mesh(next(iter(configs.values())))
@@ -1062,7 +1069,7 @@ def _main(argv: Sequence[str] | None) -> int:
   rows: list[dict] = []
   failed = False
   modes = args.onednn or [None]
-  for name, dnn in [(n, m) for n in args.configs for m in modes]:
+  for name, dnn in [(n, m) for n in variants for m in modes]:
     tag = name if dnn is None or len(modes) == 1 else f'{name} onednn={dnn}'
     if dnn is not None:
       os.environ['SRVP_ONEDNN'] = dnn  # Read when the programs are traced.

@@ -40,6 +40,7 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 EXTRA_DEFAULTS: dict[str, Any] = dict(
     compute_dtype='float32',  # 'float32' or 'bfloat16' for convolutions and dense layers.
     precision='float32',  # float32 compute: 'float32' (true float32) or 'tensorfloat32' (TF32 on A100 / H100 GPUs).
+    scan_unroll=0,  # Frames (Euler, LSTM steps) per loop iteration of the model's scans; True: all; 0: per backend.
     param_dtype='float32',  # Parameters, statistics, accumulations: 'float32' ('float64': reference replay, x64).
     init_from='',  # A checkpoint folder (ours or converted) to start from (fine-tuning).
     keep_checkpoints=3,  # How many 'latest' checkpoints orbax keeps.
@@ -157,7 +158,7 @@ _NON_NEGATIVE = {  # key -> what 0 means.
     'max_speed': 'still digits', 'chkpt_interval': 'at each validation', 'seq_len_test': 'seq_len',
     'keep_period': 'none kept', 'profile_steps': 'off', 'num_processes': 'from the environment',
     'num_data_processes': 'threads only', 'test_nt_cond': 'nt_cond', 'test_nt_gen': "the paper's",
-    'test_n_samples': "the paper's"}
+    'test_n_samples': "the paper's", 'scan_unroll': "the backend's: 1 on CPUs and TPUs, True (all) on GPUs"}
 _MIN_2 = ('nlayers_inf', 'nlayers_res')  # An MLP has at least its input and output layers.
 _POSITIVE_FLOATS = ('lr', 'obs_scale', 'res_gain')
 _NON_NEGATIVE_FLOATS = ('beta_y', 'beta_z', 'l2_res')
@@ -173,6 +174,8 @@ def _type_problems(cfg: Mapping[str, Any]) -> list[str]:
     if key not in cfg:
       continue
     value = cfg[key]
+    if key == 'scan_unroll' and value is True:  # An integer, or True: every step in one loop body.
+      continue
     if isinstance(default, bool):
       if not isinstance(value, (bool, np.bool_)):
         problems.append(f'{key}={value!r}: expected True or False')

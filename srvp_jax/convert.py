@@ -4,8 +4,8 @@ The official ``state_dict`` names are produced by walking our model (``SRVP.torc
 so every tensor of the architecture is accounted for in both directions. Conversion is lossless:
 float32 arrays are only transposed, BatchNorm counters keep their values.
 
-Only ``srvp_jax.convert.load_torch_file``/``save_torch_file`` import torch (lazily), and they load with
-``weights_only=True``: a checkpoint from the internet cannot run code.
+Only ``srvp_jax.convert.load_torch_file``/``save_torch_file`` import torch (when called: ``import_order``), and
+they load with ``weights_only=True``: a checkpoint from the internet cannot run code.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from srvp_jax import import_order
 from srvp_jax.model import SRVP, build_model
 from srvp_jax.model.layers import ours_to_torch, torch_to_ours
 
@@ -98,7 +99,7 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
   """Reads an official ``model.pt`` (a ``state_dict``) safely into NumPy arrays."""
   if not os.path.isfile(path):
     raise CheckpointError(f'checkpoint file not found: {path}')
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
   try:
     with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all, on one line.
       warnings.simplefilter('ignore')
@@ -124,5 +125,5 @@ def load_torch_file(path: str) -> dict[str, np.ndarray]:
 
 def save_torch_file(state_dict: Mapping[str, np.ndarray], path: str) -> None:
   """Writes a ``state_dict`` of NumPy arrays as the official code saves it (``torch.save``)."""
-  import torch  # pylint: disable=import-outside-toplevel
+  torch = import_order.import_torch()
   torch.save(collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items()), path)

@@ -23,11 +23,29 @@ sample chunk the evaluation would choose on that device from the program's own m
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import importlib.util
+import json
 import os
 import re
+import sys
+import time
+from importlib import metadata
 from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax._src.lib import xla_client
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from srvp_jax import config as config_lib
+from srvp_jax.evaluation import sampling
+from srvp_jax.model import backend, build_model
+from srvp_jax.train import step as train
 
 TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
 TARGETS = {'h100': 'h100_sxm.txtpb', 'a100': 'a100_sxm_80.txtpb'}
@@ -47,6 +65,14 @@ GEMM_FUSION = re.compile(r'"kind":"__triton\w*gemm\w*"')
 CUBLAS = re.compile(r'custom_call_target="__cublas\$\w+')
 WHILE = re.compile(r'[\]}) ] while\(')
 HIGHEST = 'operand_precision={highest,highest}'
+# Kernel launches: the computations of an optimised module (a header line, then indented instructions), the op
+# of each instruction, a loop's trip count, and the ops that launch no kernel (every other op of the entry
+# computation or of a loop body does).
+COMPUTATION = re.compile(r'^(?:ENTRY )?%(\S+) .*\{$')
+INSTRUCTION = re.compile(r'^\s+(?:ROOT )?%\S+ = .*?\b([a-z][a-z0-9-]*)\(')
+TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+NO_KERNEL = frozenset({'parameter', 'get-tuple-element', 'tuple', 'constant', 'bitcast', 'while', 'call',
+                       'conditional', 'opt-barrier', 'after-all', 'add-dependency', 'domain'})
 
 
 class CheckError(RuntimeError):
@@ -56,7 +82,6 @@ class CheckError(RuntimeError):
 def plugin_missing() -> str | None:
   """Why the deviceless check cannot run in this environment (None: it can)."""
   if not any(importlib.util.find_spec(name) is not None for name in CUDA_PLUGINS):
-    from importlib import metadata  # pylint: disable=import-outside-toplevel
     return (f'the JAX CUDA plugin is not installed (pip install "jax[cuda13]=={metadata.version("jax")}"; '
             'it compiles for GPUs without one)')
   return None
@@ -73,8 +98,6 @@ def target_config(name: str) -> str:
 @functools.lru_cache(maxsize=None)
 def target_mesh(name: str):
   """A one-device 'data' mesh of compile-only devices of the target (needs the plugin and a CPU process)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   reason = plugin_missing()
   if reason:
     raise CheckError(reason)
@@ -98,7 +121,8 @@ def census(hlo_text: str) -> dict[str, int]:
 
   'cudnn_<kind>' per cuDNN convolution kind and 'cudnn_convs' in all, 'xla_convs' (convolutions not
   given to cuDNN), 'dots' (matrix products, inside GEMM fusions or not), 'gemm_fusions', 'cublas_calls',
-  'while_loops', and '<x>_highest' for the convolutions and dots computed at ``Precision.HIGHEST``.
+  'while_loops', '<x>_highest' for the convolutions and dots computed at ``Precision.HIGHEST``, and
+  ``launches``' 'kernels', 'kernel_launches' and 'loop_iterations'.
   """
   out = {'cudnn_convs': 0, 'cudnn_convs_highest': 0, 'xla_convs': 0, 'dots': 0, 'dots_highest': 0,
          'gemm_fusions': 0, 'cublas_calls': 0, 'while_loops': 0}
@@ -117,6 +141,46 @@ def census(hlo_text: str) -> dict[str, int]:
     out['gemm_fusions'] += bool(GEMM_FUSION.search(line))
     out['cublas_calls'] += bool(CUBLAS.search(line))
     out['while_loops'] += bool(WHILE.search(line))
+  return out | launches(hlo_text)
+
+
+def launches(hlo_text: str) -> dict[str, int]:
+  """Kernels of an optimised GPU HLO module and how often one execution launches them.
+
+  'kernels': the kernel-launching instructions (fusions, custom calls, unfused ops) of the entry computation
+  and of every loop body and condition; 'kernel_launches': the same weighted by how often each runs (a loop
+  body by its known trip count, its condition once more: an upper bound, the runtime may skip a condition
+  whose trip count it knows); 'loop_iterations': the loop iterations of one execution, each launched from
+  the host by XLA's GPU runtime. A loop of unknown trip count counts once.
+  """
+  computations: dict[str, list[str]] = {}
+  entry, lines = None, None
+  for line in hlo_text.splitlines():
+    header = COMPUTATION.match(line)
+    if header:
+      lines = computations.setdefault(header.group(1), [])
+      entry = header.group(1) if line.startswith('ENTRY') else entry
+    elif lines is not None and line.startswith('  '):
+      lines.append(line)
+  out = {'kernels': 0, 'kernel_launches': 0, 'loop_iterations': 0}
+  pending = [(entry, 1)] if entry else []
+  while pending:
+    name, times = pending.pop()
+    for line in computations.get(name, []):
+      op = INSTRUCTION.match(line)
+      if op is None:
+        continue
+      if op.group(1) == 'while':
+        trips = TRIP_COUNT.search(line)
+        n = int(trips.group(1)) if trips else 1
+        out['loop_iterations'] += times * n
+        pending += [(re.search(r'body=%([\w.-]+)', line).group(1), times * n),
+                    (re.search(r'condition=%([\w.-]+)', line).group(1), times * (n + 1))]
+      elif op.group(1) == 'call':
+        pending.append((re.search(r'to_apply=%([\w.-]+)', line).group(1), times))
+      elif op.group(1) not in NO_KERNEL:
+        out['kernels'] += 1
+        out['kernel_launches'] += times
   return out
 
 
@@ -127,6 +191,7 @@ class ProgramReport:
   config: str
   dtype: str
   precision: str
+  scan_unroll: int | bool  # The model's scans: steps per loop iteration, True: fully unrolled.
   batch: int
   detail: str
   argument_bytes: int
@@ -154,22 +219,17 @@ class ProgramReport:
 
 
 def _bytes(tree) -> int:
-  import jax  # pylint: disable=import-outside-toplevel
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def _abstract(tree, sharding):
   """ShapeDtypeStructs of ``tree`` placed with ``sharding``."""
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def _compile(jitted, args, report: dict) -> tuple[Any, dict]:
   """Traces (GPU layer forms), lowers and compiles ``jitted`` at ``args``; FLOPs from the lowered module."""
-  import time  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import backend  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   with backend.compile_for('gpu'):
     lowered = jitted.trace(*args).lower()
@@ -196,8 +256,6 @@ def hlo_flops(lowered) -> float | None:
   by the CPU client, which counts the same HLO. Loop bodies count once (scans are undercounted; their
   dense layers are well under 1% of a step). None when this jaxlib cannot analyse it.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from jax._src.lib import xla_client  # pylint: disable=import-outside-toplevel
   try:
     cost = xla_client._xla.hlo_module_cost_analysis(  # pylint: disable=protected-access
         jax.devices('cpu')[0].client, lowered.compiler_ir('hlo').get_hlo_module())
@@ -207,23 +265,21 @@ def hlo_flops(lowered) -> float | None:
   return flops if flops > 0 else None
 
 
+def _scan_unroll(cfg: Mapping[str, Any]) -> int | bool:
+  """The model's scan unrolling on a GPU (the config's, else the GPU default)."""
+  return cfg.get('scan_unroll', 0) or backend.SCAN_UNROLL['gpu']
+
+
 def _abstract_model(cfg: Mapping[str, Any]):
   """The model's graphdef and abstract (shape-only) parameters and other variables: nothing is initialised."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
   model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0, impl='rbg')))
   return nnx.split(model, nnx.Param, ...)
 
 
 def check_train(cfg: Mapping[str, Any], target: str = 'h100', label: str | None = None) -> ProgramReport:
   """The train step of ``srvp_jax.train`` (jitted as in training: state replicated and donated)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.train import step as train  # pylint: disable=import-outside-toplevel
   mesh = target_mesh(target)
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   graphdef, params, stats = _abstract_model(cfg)
@@ -236,17 +292,14 @@ def check_train(cfg: Mapping[str, Any], target: str = 'h100', label: str | None 
   jitted = train.jit_train_step(train.make_train_step(graphdef, cfg, tx), mesh)
   _, report = _compile(jitted, args, {})
   return ProgramReport(program='train', config=label or str(cfg['dataset']), dtype=str(cfg['compute_dtype']),
-                       precision=str(cfg['precision']), batch=batch, detail=f'{nt} frames, donated state',
+                       precision=str(cfg['precision']),
+                       scan_unroll=_scan_unroll(cfg), batch=batch, detail=f'{nt} frames, donated state',
                        state_bytes=_bytes(state), device_bytes=device_memory(target), **report)
 
 
 def _best_of_n(cfg, target: str, protocol, states, batch: int, nt: int, chunk: int):
   """Compiles the best-of-N chunk function (a fresh jit: GPU forms) for ``chunk`` samples of ``batch`` videos."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax.evaluation import sampling  # pylint: disable=import-outside-toplevel
   mesh = target_mesh(target)
   rep, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
   graphdef, states = states
@@ -262,8 +315,6 @@ def _best_of_n(cfg, target: str, protocol, states, batch: int, nt: int, chunk: i
 
 def check_val(cfg: Mapping[str, Any], target: str = 'h100', label: str | None = None) -> ProgramReport:
   """Training's validation core: one chunk of ``val_sample_chunk`` samples of ``batch_size_test`` videos."""
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from srvp_jax.evaluation import sampling  # pylint: disable=import-outside-toplevel
   graphdef, params, stats = _abstract_model(cfg)
   nt, nt_cond, n_euler = config_lib.seq_len_test(cfg), int(cfg['nt_cond']), int(cfg['n_euler_steps'])
   protocol = sampling.Protocol(nt_cond=nt_cond, nt_pred=nt - nt_cond, n_euler_steps=n_euler, cond_euler_steps=n_euler,
@@ -272,7 +323,8 @@ def check_val(cfg: Mapping[str, Any], target: str = 'h100', label: str | None = 
   chunk = max(1, min(int(cfg['val_sample_chunk']), int(cfg['n_samples_test'])))
   report = _best_of_n(cfg, target, protocol, (graphdef, (params, stats)), batch, nt, chunk)
   return ProgramReport(program='val', config=label or str(cfg['dataset']), dtype=str(cfg['compute_dtype']),
-                       precision=str(cfg['precision']), batch=batch, detail=f'{nt} frames, {chunk} samples per chunk',
+                       precision=str(cfg['precision']),
+                       scan_unroll=_scan_unroll(cfg), batch=batch, detail=f'{nt} frames, {chunk} samples per chunk',
                        state_bytes=_bytes((params, stats)), device_bytes=device_memory(target), **report)
 
 
@@ -284,11 +336,7 @@ def check_eval(cfg: Mapping[str, Any], target: str = 'h100', label: str | None =
   outputs per sample against ``DEVICE_MEMORY_FRACTION`` of the allocator's free memory (``XLA_MEMORY_FRACTION``
   of the device less the model) give the chunk, which is compiled.
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
-  from srvp_jax.evaluation import sampling  # pylint: disable=import-outside-toplevel
   graphdef, params, stats = _abstract_model(cfg)
   graphdef, state = nnx.split(nnx.merge(graphdef, params, stats))
   test = config_lib.test_protocol(cfg)
@@ -305,7 +353,8 @@ def check_eval(cfg: Mapping[str, Any], target: str = 'h100', label: str | None =
   if chunk != k0:
     report['compile_s'] += probe['compile_s']
   return ProgramReport(program='eval', config=label or str(cfg['dataset']), dtype=str(cfg['compute_dtype']),
-                       precision=str(cfg['precision']), batch=batch,
+                       precision=str(cfg['precision']),
+                       scan_unroll=_scan_unroll(cfg), batch=batch,
                        detail=f'{nt} frames, {chunk} of {n_samples} samples per chunk',
                        state_bytes=_bytes(state), device_bytes=device_memory(target), **report)
 
@@ -321,19 +370,22 @@ def format_table(reports: list[ProgramReport], target: str) -> str:
   """The check's table: one line per program (memory against the device, FLOPs, census)."""
   device = device_memory(target)
   lines = [f'deviceless compile for {target} ({device / 2**30:.1f} GiB; fits: peak <= {1 - HEADROOM:.0%} of it); '
-           'peak = arguments + outputs - donated + temporaries, before cuDNN autotuning workspace',
-           f'{"config":22} {"program":7} {"dtype":8} {"precision":13} {"batch":>5} {"peak GiB":>8} {"fits":>4} '
-           f'{"TFLOP":>7} {"cuDNN fwd/bwd-in/bwd-filt":>25} {"XLA conv":>8} {"dots (highest)":>14} '
-           f'{"GEMM fus":>8} {"while":>5} {"compile s":>9}  detail']
+           'peak = arguments + outputs - donated + temporaries, before cuDNN autotuning workspace; launches: '
+           'kernel launches per run',
+           f'{"config":22} {"program":7} {"dtype":8} {"precision":13} {"unroll":>6} {"batch":>5} {"peak GiB":>8} '
+           f'{"fits":>4} {"TFLOP":>7} {"cuDNN fwd/bwd-in/bwd-filt":>25} {"XLA conv":>8} {"dots (highest)":>14} '
+           f'{"GEMM fus":>8} {"while":>5} {"launches":>8} {"compile s":>9}  detail']
   for r in reports:
     c = r.census
     convs = '/'.join(str(c.get(f'cudnn_{k}', 0)) for k in ('convForward', 'convBackwardInput', 'convBackwardFilter'))
     highest = f"{c['dots']} ({c['dots_highest']})"
     flops = '-' if r.flops is None else f'{r.flops / 1e12:.3f}'
     precision = r.precision if r.dtype == 'float32' else '-'
-    lines.append(f'{r.config:22} {r.program:7} {r.dtype:8} {precision:13} {r.batch:5d} {_gib(r.peak_bytes):>8} '
-                 f'{"yes" if r.fits else "NO":>4} {flops:>7} {convs:>25} {c["xla_convs"]:8d} {highest:>14} '
-                 f'{c["gemm_fusions"]:8d} {c["while_loops"]:5d} {r.compile_s:9.1f}  {r.detail}')
+    unroll = 'full' if r.scan_unroll is True else str(r.scan_unroll)
+    lines.append(f'{r.config:22} {r.program:7} {r.dtype:8} {precision:13} {unroll:>6} {r.batch:5d} '
+                 f'{_gib(r.peak_bytes):>8} {"yes" if r.fits else "NO":>4} {flops:>7} {convs:>25} {c["xla_convs"]:8d} '
+                 f'{highest:>14} {c["gemm_fusions"]:8d} {c["while_loops"]:5d} {c["kernel_launches"]:8d} '
+                 f'{r.compile_s:9.1f}  {r.detail}')
   return '\n'.join(lines)
 
 
@@ -344,11 +396,7 @@ def main(configs: Mapping[tuple[str, str], Any], target: str, programs: list[str
   Prints the table; exit status 0, 1 when a program would not fit (one ``error:`` line each) or a compile
   failed, 2 when the check cannot run here (no CUDA plugin, ...).
   """
-  import datetime  # pylint: disable=import-outside-toplevel
-  import json  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
 
-  import jax  # pylint: disable=import-outside-toplevel
   jax.config.update('jax_platforms', 'cpu')  # Compile-only GPU devices come from a CPU process.
   try:
     target_mesh(target)

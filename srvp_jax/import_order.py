@@ -6,10 +6,14 @@ the readers of TensorFlow formats (TFRecords, TFDS) and clu's writers ask ``impo
 which imports torch and torchvision first (if installed) and hides the GPUs from TensorFlow so that it
 does not reserve memory JAX needs. The entry points (``srvp_jax.cli.start``) call ``import_torch_first()``
 when the tool will use torch (LPIPS, the PyTorch baseline), before anything can import TensorFlow.
-Imports are at the top of modules, except these: TensorFlow and TensorFlow Datasets (the order above),
-and the heavy imports that one path alone needs and that would add seconds to every start-up: grain
-(the training stream, ``data/pipeline.py``), torch (PyTorch files and models: ``convert.py``,
-``metrics/lpips_bridge.py``, the benchmark's baseline) and scikit-learn (the stand-in digits).
+Imports are at the top of modules, except these, which this module's functions import when first needed:
+TensorFlow, TensorFlow Datasets and lpips (the order above: ``import_tensorflow``,
+``import_tensorflow_datasets``, ``import_lpips``) and torch (``import_torch``: ~4 s, as long as the rest of a
+tool's start-up, ``--help`` included, for LPIPS, PyTorch files and the benchmark's baseline alone). A few
+modules import a heavy dependency that one path alone needs in the function that needs it, each saying why:
+grain (the training stream, ``data/pipeline.py``), scikit-learn (the stand-in digits, ``data/mnist.py``),
+clu (TensorBoard writers, after ``import_tensorflow``: ``train/runtime.py``) and ``srvp_jax.torch_srvp``
+(the benchmark's PyTorch baseline). ``tests/test_imports.py`` holds that list.
 """
 
 from __future__ import annotations
@@ -36,6 +40,24 @@ def import_torch_first() -> None:
   for name in ('torch', 'torchvision'):
     if importlib.util.find_spec(name) is not None:
       importlib.import_module(name)
+
+
+def import_torch():
+  """Returns the ``torch`` module (imported now if it is not yet)."""
+  return importlib.import_module('torch')
+
+
+def import_lpips():
+  """Returns the ``lpips`` module, imported after torch / torchvision (``import_torch_first``: lpips imports
+  torchvision)."""
+  import_torch_first()
+  return importlib.import_module('lpips')
+
+
+def import_tensorflow_datasets():
+  """Returns the ``tensorflow_datasets`` module, imported after TensorFlow (``import_tensorflow``)."""
+  import_tensorflow()
+  return importlib.import_module('tensorflow_datasets')
 
 
 def import_tensorflow():

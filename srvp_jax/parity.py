@@ -106,8 +106,8 @@ def replay(golden_dir: str, precision: str = 'float64', parts: tuple[str, ...] =
            forms: str | None = None) -> list[Comparison]:
   """One comparison per recorded quantity of ``golden_dir`` in ``precision`` (of the recorded ``parts``).
 
-  ``forms``: the platform whose layer formulations are traced ('cpu', 'gpu'; ``model.backend.compile_for``),
-  executed here on CPU; None: this process's backend.
+  ``forms``: the platform whose layer formulations and scan unrolling are traced ('cpu', 'gpu';
+  ``model.backend.compile_for``), executed here on CPU; None: this process's backend.
   """
   if precision not in REFERENCE_FILES:
     raise ValueError(f'precision={precision!r}: expected one of {sorted(REFERENCE_FILES)}')
@@ -213,14 +213,14 @@ def _replay(golden_dir: str, precision: str, g: dict, parts: tuple[str, ...]) ->
 
 
 def run(golden_dirs: list[str], printer: Callable[[str], None] = print) -> bool:
-  """Replays every folder in each recorded precision, then float64 again with the GPU layer forms (traced
-  for a GPU, run on CPU: both forms are exact); one line per quantity; True when all pass."""
+  """Replays every folder in each recorded precision, then float64 again with the GPU layer forms and scan
+  unrolling (traced for a GPU, run on CPU: both forms are exact); one line per quantity; True when all pass."""
   all_ok = True
   for d in golden_dirs:
     runs = [(precision, None) for precision in precisions(d)]
     runs += [('float64', 'gpu')] if 'float64' in precisions(d) else []
     for precision, forms in runs:
-      tag = f'{precision}, GPU layer forms' if forms else precision
+      tag = f'{precision}, GPU layer forms and scan unrolling' if forms else precision
       printer(f'== {d} ({REFERENCE_FILES[precision]}, {tag})')
       results = replay(d, precision, forms=forms)
       for c in results:

@@ -39,7 +39,7 @@ def test_time_train_step_and_torch_baseline():
   cfg = tiny_config()
   row = benchmark.time_train_step(cfg, warmup=1, steps=2, label='smmnist')
   assert row['kind'] == 'train' and row['batch'] == BATCH and row['dtype'] == 'float32'
-  assert row['precision'] == 'float32'
+  assert row['precision'] == 'float32' and row['scan_unroll'] == 1  # The CPU default.
   for key in ('median_s', 'min_s', 'compile_s', 'first_step_s', 'videos_per_s'):
     assert positive_finite(row[key]), (key, row[key])
   assert row['videos_per_s'] == BATCH / row['median_s']

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from srvp_jax import benchmark, config as config_lib, gpu_check
-from srvp_jax.model import backend, layers
+from srvp_jax import benchmark, cli, config as config_lib, gpu_check
+from srvp_jax.model import backend, build_model, layers
 
 TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2, nt_inf=2, batch_size_test=2,
             val_sample_chunk=3, test_n_samples=4, test_nt_gen=6)
@@ -77,6 +77,37 @@ def test_precision_config_is_validated():
     config_lib.with_overrides(precision='tf32')
 
 
+def _scans(jaxpr):
+  """The ``unroll`` of every scan in a jaxpr (sub-jaxprs included), as (unroll, length) pairs."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'scan':
+      found.append((eqn.params['unroll'], eqn.params['length']))
+    for value in eqn.params.values():
+      inner = getattr(value, 'jaxpr', value)
+      if hasattr(inner, 'eqns'):
+        found += _scans(inner)
+  return found
+
+
+def test_scans_are_rolled_on_cpus_and_unrolled_for_gpus():
+  assert config_lib.default_config().scan_unroll == 0  # The backend's.
+  for bad in (-1, False):
+    with pytest.raises(config_lib.ConfigError, match='scan_unroll='):
+      config_lib.with_overrides(scan_unroll=bad)
+
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(_tiny())))
+  args = (state, jnp.ones((2, 4)), jnp.ones((2, 5, 4)), jnp.ones((2, 6, 16)))
+
+  def scans():  # (unroll, length) of the frame scan (5 frames), its Euler scan (2 steps) and the LSTM (6 frames).
+    rollout = lambda st, y0, eps, hx: (nnx.merge(graphdef, st).integrate(y0, eps, 2), nnx.merge(graphdef, st).inf_z(hx))
+    return sorted(_scans(jax.make_jaxpr(rollout)(*args).jaxpr))  # A fresh function: traced now.
+
+  assert scans() == [(1, 2), (1, 5), (1, 6)]
+  with backend.compile_for('gpu'):
+    assert scans() == [(2, 2), (5, 5), (6, 6)]  # Fully unrolled: no loop left.
+
+
 def test_census_counts_kernels_and_precision():
   hlo = '\n'.join([
       '  %a = (f32[8,4]{1,0}, u8[0]{0}) custom-call(%x, %w), custom_call_target="__cudnn$convForward", '
@@ -93,6 +124,24 @@ def test_census_counts_kernels_and_precision():
   assert c['gemm_fusions'] == 1 and c['while_loops'] == 1
 
 
+def test_kernel_launches_count_loop_bodies_by_their_trip_count():
+  hlo = '\n'.join([
+      '%fused_add (p: f32[4]) -> f32[4] {', '  %p = f32[4]{0} parameter(0)', '  ROOT %a = f32[4]{0} add(%p, %p)', '}',
+      '%body (t: (s32[], f32[4])) -> (s32[], f32[4]) {', '  %t = (s32[], f32[4]{0}) parameter(0)',
+      '  %x = f32[4]{0} get-tuple-element(%t), index=1', '  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add',
+      '  %g = f32[4]{0} custom-call(%f), custom_call_target="__cublas$gemm"',
+      '  ROOT %r = (s32[], f32[4]{0}) tuple(%i, %g)', '}',
+      '%cond (t: (s32[], f32[4])) -> pred[] {', '  %t = (s32[], f32[4]{0}) parameter(0)',
+      '  ROOT %c = pred[] fusion(%t), kind=kLoop, calls=%fused_add', '}',
+      'ENTRY %main (x: f32[4]) -> f32[4] {', '  %x = f32[4]{0} parameter(0)',
+      '  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused_add',
+      '  %w = (s32[], f32[4]{0}) while(%t), condition=%cond, body=%body, '
+      'backend_config={"known_trip_count":{"n":"7"},"known_init_step":{"init":"0","step":"1"}}',
+      '  ROOT %o = f32[4]{0} get-tuple-element(%w), index=1', '}'])
+  # Kernels: the entry's fusion, the body's fusion and GEMM, the condition's fusion (fusion bodies launch none).
+  assert gpu_check.launches(hlo) == {'kernels': 4, 'kernel_launches': 1 + 7 * 2 + 8, 'loop_iterations': 7}
+
+
 def test_shipped_targets_are_the_devices_they_name():
   assert gpu_check.device_memory('h100') == 84942979072  # 79.1 GiB: an H100 SXM's 80 GB.
   assert gpu_check.device_memory('a100') == 85100068864
@@ -106,6 +155,16 @@ def _tiny(dtype='float32', precision='float32', **extra):
   return benchmark.load_config('smmnist', batch=4, dtype=dtype, precision=precision, overrides={**TINY, **extra})
 
 
+def test_benchmark_measures_scan_unrolling_side_by_side_and_records_what_ran():
+  assert benchmark.parse_args(['--scan_unroll', '1,full']).scan_unroll == [1, True]
+  with pytest.raises(cli.UsageError, match='--scan_unroll'):
+    benchmark.parse_args(['--scan_unroll', '0'])
+  assert benchmark.parse_args(benchmark.GPU_TABLE['scan_unroll']).scan_unroll == [1, True]
+  # What a row records: the config's unrolling, else the backend's.
+  assert benchmark.scan_unroll(_tiny()) == 1 and benchmark.scan_unroll(_tiny(), 'gpu') is True
+  assert benchmark.scan_unroll(_tiny(scan_unroll=3), 'gpu') == 3
+
+
 @needs_plugin
 def test_small_config_compiles_for_an_h100_with_cudnn_convolutions_in_float32():
   cfg = _tiny()
@@ -117,6 +176,9 @@ def test_small_config_compiles_for_an_h100_with_cudnn_convolutions_in_float32():
   # The donated state is aliased to the new state: one copy of parameters and optimizer state.
   assert train.alias_bytes >= train.state_bytes > 0
   assert train.fits and train.flops and train.flops > 0
+  # The GPU default unrolls the model's scans fully: no loop left in the train step.
+  assert train.scan_unroll is True and c['while_loops'] == c['loop_iterations'] == 0
+  assert c['kernel_launches'] == c['kernels'] > 0
   for check in (gpu_check.check_val, gpu_check.check_eval):
     r = check(cfg)
     assert r.census['xla_convs'] == 0 and r.census['cudnn_convs'] > 0 and r.fits
@@ -150,7 +212,7 @@ def test_cli_prints_the_table_and_reports_a_program_that_would_not_fit(tmp_path,
   captured = capsys.readouterr()
   assert 'deviceless compile for h100' in captured.out and 'smmnist ' in captured.out and 'error' not in captured.err
   (row,) = json.loads(out.read_text())['rows']
-  assert row['program'] == 'val' and row['fits'] and row['census']['xla_convs'] == 0
+  assert row['program'] == 'val' and row['fits'] and row['census']['xla_convs'] == 0 and row['scan_unroll'] is True
 
   real = gpu_check.CHECKS['val']
 

@@ -115,3 +115,43 @@ def test_training_validation_and_evaluation_need_no_preparation(graph):
     return seen
   for entry in ('srvp_jax.train', 'srvp_jax.evaluate', 'srvp_jax.predict'):
     assert not [m for m in reach(entry, set()) if m.startswith('srvp_jax.preparation')], entry
+
+
+# The imports left inside functions, each with its reason; every other import is at the top of its module
+# (TensorFlow, TensorFlow Datasets, lpips and torch come from ``srvp_jax.import_order``'s functions).
+IN_FUNCTION = {
+    ('srvp_jax.cli', 'jax'): 'compilation_cache: the parsers and --help stay fast without JAX',
+    ('srvp_jax.data.mnist', 'sklearn.datasets'): 'seconds to import; the stand-in digits only',
+    ('srvp_jax.data.pipeline', 'grain'): 'seconds to import; the training stream only',
+    ('srvp_jax.train.runtime', 'clu.metric_writers'): 'imports TensorFlow: after import_order.import_tensorflow()',
+    ('srvp_jax.train.runtime', 'clu.periodic_actions'): 'the same',
+    ('srvp_jax.benchmark', 'srvp_jax.torch_srvp'): 'imports torch (~4 s): the PyTorch baseline only',
+}
+
+
+def in_function_imports(path: str) -> set[str]:
+  """The names imported inside functions of a file ('pkg.name' for ``from pkg import name``)."""
+  found = set()
+
+  def visit(node, in_function):
+    for child in ast.iter_child_nodes(node):
+      inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+      if in_function and isinstance(child, ast.Import):
+        found.update(alias.name for alias in child.names)
+      elif in_function and isinstance(child, ast.ImportFrom):
+        found.update(f'{child.module}.{alias.name}' for alias in child.names)
+      visit(child, inside)
+
+  visit(ast.parse(open(path, encoding='utf-8').read(), path), False)
+  return found
+
+
+def test_imports_are_at_module_top_but_an_allow_list(tmp_path):
+  probe = tmp_path / 'probe.py'
+  probe.write_text('import os\n\n\nclass A:\n  def f(self):\n    import torch\n    return lambda: torch\n\n\n'
+                   'def g():\n  from srvp_jax import torch_srvp\n  return torch_srvp\n')
+  assert in_function_imports(str(probe)) == {'torch', 'srvp_jax.torch_srvp'}
+  files = dict(modules(), launch=os.path.join(ROOT, 'launch.py'),
+               convert_torch_ckpt=os.path.join(ROOT, 'convert_torch_ckpt.py'))
+  found = {(module, name) for module, path in files.items() for name in in_function_imports(path)}
+  assert found == set(IN_FUNCTION), f'new: {sorted(found - set(IN_FUNCTION))}, gone: {sorted(set(IN_FUNCTION) - found)}'

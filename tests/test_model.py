@@ -17,7 +17,7 @@ from flax import nnx
 from srvp_jax import config as config_lib
 from srvp_jax import objective
 from srvp_jax.model import PredNoise, TrainNoise, build_model, gaussian
-from srvp_jax.model import layers
+from srvp_jax.model import backend, layers
 
 # dcgan with skip connections: both the skip path and the per-sample tiling of skips are exercised.
 TINY = dict(archi='dcgan', skipco=True, nc=1, nf=8, nhx=16, ny=4, nz=3, nh_inf=16, nlayers_inf=3, nh_res=16,
@@ -130,6 +130,22 @@ def test_forward_with_three_euler_steps_decodes_every_frame(model, video):
   ys, _, _, res = reference_integrate(model, out.y[:, 0], noise.eps_z, 3, out.q_z)
   np.testing.assert_allclose(np.asarray(out.y[:, 1:]), ys, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(np.asarray(out.res), res, rtol=2e-5, atol=2e-6)
+
+
+def test_scan_unrolling_changes_no_value(model):
+  unrolled = nnx.eval_shape(lambda: build_model(tiny_config(scan_unroll=2)))
+  nnx.update(unrolled, nnx.state(model))
+  assert unrolled.scan_unroll == unrolled.inf_z.scan_unroll == 2 and model.scan_unroll is None  # None: the backend's.
+  k = jax.random.split(jax.random.key(5), 4)
+  args = (jax.random.normal(k[0], (B, model.ny)), jax.random.normal(k[1], (B, 5, model.nz)),
+          jax.random.normal(k[2], (B, 5, 2 * model.nz)), jax.random.normal(k[3], (B, T, model.nhx)))
+  scans = lambda m, y0, eps, q, hx: (m.integrate(y0, eps, 3, q), m.inf_z(hx))  # 5 frames x 3 Euler steps, 6 frames.
+  ref = pure(model, scans, *args)  # Rolled (the CPU default).
+  with backend.compile_for('gpu'):
+    full = pure(model, scans, *args)  # Fully unrolled (the GPU default), run here.
+  for out in (pure(unrolled, scans, *args), full):  # 2 leaves a remainder of the frames and of the Euler steps.
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

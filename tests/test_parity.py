@@ -84,7 +84,7 @@ def test_cli_passes_and_exits_0():
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'dcgan [float64]: 98/98 quantities within tolerance' in proc.stdout
   assert 'dcgan [float32]: 98/98 quantities within tolerance' in proc.stdout
-  assert 'dcgan [float64, GPU layer forms]: 98/98 quantities within tolerance' in proc.stdout
+  assert 'dcgan [float64, GPU layer forms and scan unrolling]: 98/98 quantities within tolerance' in proc.stdout
 
 
 def test_cli_errors_on_a_folder_without_golden_data(tmp_path):

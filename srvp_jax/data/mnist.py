@@ -152,8 +152,7 @@ def load_tfds(split: str, tfds_data_dir: str | None = None, download: bool = Tru
   _check_split(split)
   hint = 'put the MNIST IDX files (train-images-idx3-ubyte.gz, ...) in data_dir instead'
   try:
-    import_order.import_tensorflow()
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds = import_order.import_tensorflow_datasets()
   except ImportError as e:
     raise MnistNotFoundError(f'TensorFlow Datasets is unavailable ({e}); {hint}') from None
   try:

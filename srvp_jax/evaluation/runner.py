@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from srvp_jax import sharding
 from srvp_jax.evaluation.sampling import BestOfN, Protocol
@@ -37,8 +38,6 @@ def evaluate_videos(model, videos: np.ndarray, *, nt_cond: int, n_samples: int, 
   {metric: (N, nt_pred, H, W, C)}, random [min(5, n_samples) x (N, nt_pred, H, W, C)], cond_rec
   (N, nt_cond, H, W, C), plus sample_chunk, sampling_time_s, predicted_frames and steady_frames_per_s.
   """
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
   n, nt = videos.shape[:2]
   batch_size = min(int(batch_size), n)  # A batch larger than the test set would only predict padding.
   nt_pred = nt - nt_cond

@@ -28,6 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+try:  # NumPy 2 (pickles of either NumPy name the function by its module of the time: both are allowed below).
+  from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy 1.
+  from numpy.core.multiarray import _reconstruct
+
 I3D_RESOLUTION = 224
 I3D_CHUNK = 16
 I3D_MIN_FRAMES = 9  # the final (2, 7, 7) average pool needs 2 frames after the 8x temporal stride
@@ -56,10 +61,6 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     if (module, name) not in self._ALLOWED:
       raise pickle.UnpicklingError(f'refusing to load {module}.{name} from an I3D weights pickle')
     if name == '_reconstruct':
-      try:
-        from numpy._core.multiarray import _reconstruct
-      except ImportError:
-        from numpy.core.multiarray import _reconstruct
       return _reconstruct
     return getattr(np, name)
 

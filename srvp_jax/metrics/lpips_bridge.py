@@ -5,7 +5,8 @@ frames repeated to 3 channels. The `lpips` wheel ships the linear calibration la
 (lpips/weights/v0.1/alex.pth), but the AlexNet backbone is torchvision's ImageNet model, which
 torchvision downloads; offline we read it from torchvision's cache
 ($TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth) or from a file given by the user. torch and
-lpips are imported lazily so that `srvp_jax.metrics` imports without them.
+lpips are imported when first needed (`srvp_jax.import_order`), so that `srvp_jax.metrics` imports without
+them.
 """
 
 import dataclasses
@@ -13,7 +14,10 @@ import os
 import sys
 import warnings
 
+import jax.numpy as jnp
 import numpy as np
+
+from srvp_jax import import_order
 
 ALEXNET_FILE = 'alexnet-owt-7be5be79.pth'
 ALEXNET_URL = 'https://download.pytorch.org/models/' + ALEXNET_FILE
@@ -23,7 +27,7 @@ _FEATURE_TO_SLICE = {0: 1, 3: 2, 6: 3, 8: 4, 10: 5}
 
 def default_backbone_path():
   """Where torchvision caches the ImageNet AlexNet weights ($TORCH_HOME/hub/checkpoints/...)."""
-  import torch
+  torch = import_order.import_torch()
   return os.path.join(torch.hub.get_dir(), 'checkpoints', ALEXNET_FILE)
 
 
@@ -50,7 +54,7 @@ def _backbone_state_dict(path):
   Accepts torchvision's `features.{i}.*` keys (classifier keys are ignored) or lpips' own
   `slice{k}.{i}.*` / `net.slice{k}.{i}.*` keys.
   """
-  import torch
+  torch = import_order.import_torch()
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
@@ -85,10 +89,10 @@ class LPIPS:
       # Importing torchvision after TensorFlow crashes the process (segfault) with our wheels.
       raise RuntimeError('LPIPS imports torchvision, which crashes after TensorFlow: create LPIPS (or import '
                          'torchvision) before importing TensorFlow')
-    import torch
+    torch = import_order.import_torch()
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')
-      import lpips
+      lpips = import_order.import_lpips()
       if backbone_path is not None or not allow_random_backbone:
         backbone_path = check_lpips_available(backbone_path)
       # pretrained=False / pnet_rand=True: build without any download; weights are loaded below.
@@ -115,7 +119,7 @@ class LPIPS:
 
   def _to_torch(self, x):
     """(N, H, W, C) array in [0, 1] -> (N, 3, H, W) float32 torch tensor in [-1, 1] on the device."""
-    import torch
+    torch = import_order.import_torch()
     try:
       tensor = torch.from_dlpack(x)
     except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
@@ -131,8 +135,7 @@ class LPIPS:
     One side of a distance: a target scored against many predictions (the samples of best-of-N) has its
     features computed once and passed to ``__call__`` in place of the frames.
     """
-    import lpips
-    import torch
+    torch, lpips = import_order.import_torch(), import_order.import_lpips()
     lead, frame = frames.shape[:-3], frames.shape[-3:]
     flat = frames.reshape((-1,) + frame)
     layers = []
@@ -149,9 +152,7 @@ class LPIPS:
     their ``features``. The same computation as ``lpips.LPIPS.forward`` (distance(target, pred), as the
     official evaluation orders it), up to float rounding.
     """
-    import jax.numpy as jnp
-    import lpips
-    import torch
+    torch, lpips = import_order.import_torch(), import_order.import_lpips()
     if pred.ndim < 3 or pred.shape[-1] not in (1, 3):
       raise ValueError(f'expected frames shaped (..., H, W, C) with C in (1, 3), got {pred.shape}')
     if not isinstance(target, Features):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from srvp_jax import config as config_lib
 from srvp_jax.model.srvp import (SRVP, Conditioning, Latents, PredNoise, Prediction, TrainNoise, gaussian, param_count,
                                   rsample)
 
@@ -37,7 +38,6 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
   ``param_dtype`` 'float64' (parameters, statistics and accumulations in float64: the reference
   replay of ``srvp_jax.parity``) needs ``jax_enable_x64``.
   """
-  from srvp_jax import config as config_lib  # pylint: disable=import-outside-toplevel
   key = init_key(key)
   dtype = COMPUTE_DTYPES[cfg.get('compute_dtype', 'float32')]
   param_dtype = PARAM_DTYPES[cfg.get('param_dtype', 'float32')]
@@ -47,7 +47,8 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
                                    '(or use `with jax.enable_x64():`)')
     dtype = jnp.float64  # A float64 model computes in float64 throughout.
   kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype,
-                param_dtype=param_dtype, precision=str(cfg.get('precision', 'float32')))
+                param_dtype=param_dtype, precision=str(cfg.get('precision', 'float32')),
+                scan_unroll=cfg.get('scan_unroll', 0) or None)  # 0: the target platform's.
   make = lambda k: SRVP(**kwargs, rngs=nnx.Rngs(params=k))
   # One compiled initialiser: eager construction compiles each layer's initialiser separately,
   # which takes over a minute on a CPU.

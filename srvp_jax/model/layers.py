@@ -148,8 +148,10 @@ class LSTM(nnx.Module):
   """One-layer ``torch.nn.LSTM`` (gate order i, f, g, o; two biases) run with ``lax.scan``."""
 
   def __init__(self, n_in: int, n_hid: int, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               precision: str = 'float32', rngs: nnx.Rngs):
-    self.n_hid, self.param_dtype = n_hid, param_dtype
+               precision: str = 'float32', scan_unroll: int | bool | None = None, rngs: nnx.Rngs):
+    """``scan_unroll``: time steps per iteration of the scan's loop (``jax.lax.scan``'s ``unroll``; True: all;
+    None: the target platform's, ``backend.scan_unroll``)."""
+    self.n_hid, self.param_dtype, self.scan_unroll = n_hid, param_dtype, scan_unroll
     kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, init_bound_fan=n_hid, rngs=rngs)
     self.ih = Linear(n_in, 4 * n_hid, **kw)
     self.hh = Linear(n_hid, 4 * n_hid, **kw)
@@ -169,7 +171,8 @@ class LSTM(nnx.Module):
       return (h, c), h
 
     zeros = jnp.zeros((batch, self.n_hid), acc)
-    _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1))
+    unroll = backend.scan_unroll() if self.scan_unroll is None else self.scan_unroll
+    _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1), unroll=unroll)
     return jnp.swapaxes(hs, 0, 1)
 
   def torch_tensors(self, prefix: str) -> Iterator[TorchTensor]:

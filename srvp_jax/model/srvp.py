@@ -7,9 +7,9 @@ choices of one training pass, ``PredNoise`` the noise of a prediction; both are 
 key by ``sample_*_noise`` or given by the caller (to replay a recorded run exactly).
 
 The temporal model runs under ``jax.lax.scan`` over frames with an inner scan over the
-``n_euler_steps`` Euler steps of each frame, so compile time does not grow with the number of
-frames and every positive number of Euler steps is exact (the official loop is only right for
-powers of two).
+``n_euler_steps`` Euler steps of each frame, so every positive number of Euler steps is exact (the
+official loop is only right for powers of two) and, rolled (``scan_unroll`` 1, the CPU default),
+compile time does not grow with the number of frames.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from srvp_jax.config import FRAME_SIZE
+from srvp_jax.model import backend
 from srvp_jax.model.conv import Decoder, Encoder
 from srvp_jax.model.layers import LSTM, MLP, Linear, TorchTensor
 
@@ -105,23 +106,26 @@ class SRVP(nnx.Module):
 
   def __init__(self, *, nx: int = FRAME_SIZE, nc: int, nf: int, nhx: int, ny: int, nz: int, skipco: bool, nt_inf: int,
                nh_inf: int, nlayers_inf: int, nh_res: int, nlayers_res: int, archi: str, res_gain: float = 1.41,
-               dtype=jnp.float32, param_dtype=jnp.float32, precision: str = 'float32', rngs: nnx.Rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, precision: str = 'float32',
+               scan_unroll: int | bool | None = None, rngs: nnx.Rngs):
     """``dtype``: compute dtype of convolutions and matrix products; ``param_dtype``: parameters,
     BatchNorm statistics, latent states, noise and every accumulation (float32, or float64 under
     ``jax_enable_x64``); ``precision``: of float32 convolutions and matrix products ('float32' or
-    'tensorfloat32', ``layers.lax_precision``)."""
+    'tensorfloat32', ``layers.lax_precision``); ``scan_unroll``: steps per loop iteration of the frame,
+    Euler and LSTM scans (``jax.lax.scan``'s ``unroll``, True: fully unrolled; None: the target platform's,
+    ``backend.scan_unroll``; the same values either way)."""
     if nx != FRAME_SIZE:
       raise ValueError(f'nx={nx}: the official encoders and decoders are for {FRAME_SIZE}x{FRAME_SIZE} frames')
     self.nc, self.ny, self.nz, self.nhx = nc, ny, nz, nhx
     self.nt_inf, self.nh_inf, self.skipco = nt_inf, nh_inf, skipco
-    self.param_dtype = param_dtype
+    self.param_dtype, self.scan_unroll = param_dtype, scan_unroll
     kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
     self.encoder = Encoder(archi, nc, nhx, nf, **kw)
     self.decoder = Decoder(archi, nc, nh_inf + ny, nf, skipco, **kw)
     self.w_proj = Linear(nhx, nh_inf, **kw)
     self.w_inf = Linear(nh_inf, nh_inf, **kw)
     self.q_y = MLP(nt_inf * nhx, nh_inf, 2 * ny, nlayers_inf, **kw)
-    self.inf_z = LSTM(nhx, nh_inf, **kw)
+    self.inf_z = LSTM(nhx, nh_inf, scan_unroll=scan_unroll, **kw)
     self.q_z = Linear(nh_inf, 2 * nz, **kw)
     self.p_z = MLP(ny, nh_res, 2 * nz, nlayers_res, **kw)
     self.dynamics = MLP(ny + nz, nh_res, ny, nlayers_res, kernel_init=jax.nn.initializers.orthogonal(res_gain),
@@ -185,6 +189,7 @@ class SRVP(nnx.Module):
 
   def _rollout(self, y0, eps, n_euler_steps, q_params):
     dt = 1.0 / n_euler_steps
+    unroll = backend.scan_unroll() if self.scan_unroll is None else self.scan_unroll
 
     def euler(y, z):
       res = dt * self.dynamics(jnp.concatenate([y, z], axis=-1)).astype(self.param_dtype)
@@ -195,11 +200,11 @@ class SRVP(nnx.Module):
       eps_t, q_t = inputs
       p_t = self.p_z(y).astype(self.param_dtype)
       z = rsample(p_t if q_t is None else q_t, eps_t)
-      y, (res, path) = jax.lax.scan(lambda yy, _: euler(yy, z), y, None, length=n_euler_steps)
+      y, (res, path) = jax.lax.scan(lambda yy, _: euler(yy, z), y, None, length=n_euler_steps, unroll=unroll)
       return y, (y, z, p_t, res, path)
 
     xs = (jnp.swapaxes(eps, 0, 1), None if q_params is None else jnp.swapaxes(q_params, 0, 1))
-    _, (ys, zs, ps, res, path) = jax.lax.scan(frame, y0.astype(self.param_dtype), xs)
+    _, (ys, zs, ps, res, path) = jax.lax.scan(frame, y0.astype(self.param_dtype), xs, unroll=unroll)
     k, b = ys.shape[:2]
 
     def steps(a):  # (K, n, B, ny) -> (B, K n, ny)

@@ -120,7 +120,7 @@ def bair_tfds_videos(data_dir: str, split: str) -> Iterator[np.ndarray]:
   raw.check_split(split)
   import_order.import_tensorflow()
   try:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds = import_order.import_tensorflow_datasets()
   except ImportError:
     raise ImportError('reading TFDS bair_robot_pushing_small needs tensorflow-datasets: '
                       'pip install tensorflow-datasets') from None

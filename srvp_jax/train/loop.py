@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from srvp_jax import checkpoints, sharding
+from srvp_jax import checkpoints, data, sharding
 from srvp_jax.model import build_model
 from srvp_jax.train import step as step_lib
 from srvp_jax.train import validation
@@ -125,7 +125,6 @@ def _train(cfg, workdir: str, stop: StopRequest, lock: checkpoints.RunLock, trai
     init_tree, init_step = checkpoints.RunFolder(cfg.init_from).init_variables(abstract_tree)
     logging.info('initialised from %s (step %d)', cfg.init_from, init_step)
   if train_batches is None or val_batches is None:
-    from srvp_jax import data  # pylint: disable=import-outside-toplevel
     dataset = data.get_dataset(cfg)
   if train_batches is None:
     batches = dataset.train_batches(local_batch, seed=int(cfg.seed), start_step=start.step,

@@ -21,21 +21,22 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from srvp_jax import checkpoints
+from srvp_jax import import_order
 
 
 def clu_modules():
   """clu's ``metric_writers`` and ``periodic_actions`` (they import TensorFlow: lazily, GPUs hidden from it)."""
-  from srvp_jax import import_order  # pylint: disable=import-outside-toplevel
   quiet = 'tensorflow' not in sys.modules and logging.get_verbosity() < logging.INFO
   with _stderr_silenced(quiet):  # TensorFlow's C++ start-up notes (oneDNN, absl) bypass every log level.
     try:
       import_order.import_tensorflow()
     except ImportError as e:
       logging.info('TensorBoard events disabled (%s)', e)
-    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel
+    from clu import metric_writers, periodic_actions  # pylint: disable=import-outside-toplevel  # They import TF.
   return metric_writers, periodic_actions
 
 
@@ -182,7 +183,6 @@ class StopRequest:
   def requested(self) -> bool:
     flag = self.signum is not None
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
       signums = multihost_utils.process_allgather(np.int32(self.signum or 0))
       if self.signum is None and np.max(signums):
         self.signum = int(np.max(signums))
