@@ -41,7 +41,7 @@ if ROOT not in sys.path:
 # processes end together; a test marked ``@pytest.mark.xdist_group('name')`` is a unit of its own. ``-n 0``: one
 # process; a single file runs in one process (the workers' start-up would cost more than they save).
 WORKERS = 2
-# Measured slowest first (seconds of one process on 2 idle cores); the other files follow in collection order.
+# The slowest units first (by --durations); the other files follow in collection order.
 SLOWEST_FIRST = ('launch_two_processes', 'test_data_end_to_end.py', 'test_launch.py', 'test_train.py',
                  'test_evaluate.py', 'test_own_videos.py', 'test_benchmark.py', 'test_data_store.py')
 
