@@ -1,9 +1,18 @@
-"""Test setup: CPU-only JAX, the repository root on sys.path, and the ``slow`` marker."""
+"""Test setup: CPU-only JAX compiled for speed with one shared compilation cache, the repository root on sys.path,
+two test processes for a whole-suite run (pytest-xdist), and the ``slow`` marker."""
 
 import os
 import sys
 
+import pytest
+
 os.environ['JAX_PLATFORMS'] = 'cpu'  # Before JAX is imported: tests are CPU float32 references.
+# The tests' programs are tiny: they compile for far longer than they run. LLVM's optimisation level 0 (XLA's own
+# HLO passes still run; the float semantics are the same) compiles them in about half the time. Processes the
+# tests start inherit it (their scripts append to XLA_FLAGS, never replace it).
+_FAST_COMPILE = '--xla_backend_optimization_level=0'
+if _FAST_COMPILE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS'), _FAST_COMPILE]))
 
 import jax  # pylint: disable=wrong-import-position
 
@@ -26,5 +35,44 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
+# Two test processes (pytest-xdist) when a run names a folder or several files, as the README's command does: most
+# of a test's time is single-threaded (start-up, tracing, compilation), so a second process uses the second core.
+# Each test file is one unit of work (its module fixtures are built once), the slowest first so that both
+# processes end together; a test marked ``@pytest.mark.xdist_group('name')`` is a unit of its own. ``-n 0``: one
+# process; a single file runs in one process (the workers' start-up would cost more than they save).
+WORKERS = 2
+# The slowest units first (by --durations); the other files follow in collection order.
+SLOWEST_FIRST = ('launch_two_processes', 'test_data_end_to_end.py', 'test_launch.py', 'test_train.py',
+                 'test_evaluate.py', 'test_own_videos.py', 'test_benchmark.py', 'test_data_store.py')
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+  if (not config.pluginmanager.hasplugin('xdist') or config.option.numprocesses is not None
+      or hasattr(config, 'workerinput')):  # A worker runs its tests itself (it starts no workers).
+    return
+  paths = [arg.split('::')[0] for arg in config.args if not arg.startswith('-')]
+  if len(set(paths)) > 1 or any(os.path.isdir(p) for p in paths):
+    config.option.numprocesses = WORKERS
+    config.option.dist = 'loadgroup'
+    config.option.loadscopereorder = False  # Keep the order below (xdist's own puts the files with most tests first).
+
+
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: long-running test (deselect with -m "not slow")')
+  config.addinivalue_line('markers', 'xdist_group(name): run with the tests of the same group, in one process')
+
+
+@pytest.hookimpl(tryfirst=True)  # Before xdist appends the groups to the test ids.
+def pytest_collection_modifyitems(config, items):
+  if config.getoption('dist', 'no') != 'loadgroup':
+    return
+  groups = {}
+  for item in items:
+    mark = item.get_closest_marker('xdist_group')
+    if mark is None:
+      mark = pytest.mark.xdist_group(os.path.basename(item.fspath))
+      item.add_marker(mark)
+    groups[item.nodeid] = mark.args[0]
+  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+  items.sort(key=lambda item: rank.get(groups[item.nodeid], len(rank)))  # Stable: collection order within a rank.

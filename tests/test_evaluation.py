@@ -134,7 +134,7 @@ def test_validation_and_evaluation_share_the_core():
 
 _VAL_DP_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' + sys.argv[1]
 import jax, numpy as np
 jax.config.update('jax_platforms', 'cpu')
 sys.path.insert(0, sys.argv[3])

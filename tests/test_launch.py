@@ -196,7 +196,7 @@ def test_signal_saves_a_valid_state_and_exits_cleanly(tmp_path, sig):
 _DRIVER = r'''
 import os, sys
 n_dev, workdir, kill_at, root = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={n_dev}'
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={n_dev}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 import numpy as np
 import launch
@@ -252,6 +252,7 @@ def _two_processes(script, workdir, kill_at, alongside=None):
   return [p.returncode for p in procs], outs
 
 
+@pytest.mark.xdist_group('launch_two_processes')  # The slowest test: a unit of work of its own (tests/conftest.py).
 def test_two_processes_equal_one_process_with_four_devices(tmp_path):
   """jax.distributed on localhost (CPU collectives, 2 devices per process): a run killed at step 3 and
   resumed ends with the losses and parameters of one process with 4 devices; only process 0 writes logs."""

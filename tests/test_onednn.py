@@ -169,8 +169,8 @@ for _ in range(3):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.max(np.abs(b))))
 print('ok')
 '''
-  run = _run(code, {'XLA_FLAGS': '--xla_force_host_platform_device_count=4', 'JAX_PLATFORMS': 'cpu',
-                    'SRVP_ONEDNN': '1'})
+  run = _run(code, {'XLA_FLAGS': os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4',
+                    'JAX_PLATFORMS': 'cpu', 'SRVP_ONEDNN': '1'})
   assert run.returncode == 0, run.stderr[-2000:]
   assert run.stdout.strip() == 'ok'
 

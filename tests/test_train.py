@@ -80,7 +80,7 @@ def test_val_resample_draws_other_videos_and_noise_at_each_validation():
 
 _DP_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=' + sys.argv[1]
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' + sys.argv[1]
 import jax, numpy as np, optax
 jax.config.update('jax_platforms', 'cpu')
 sys.path.insert(0, sys.argv[3])
