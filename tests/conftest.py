@@ -42,8 +42,11 @@ if ROOT not in sys.path:
 # process; a single file runs in one process (the workers' start-up would cost more than they save).
 WORKERS = 2
 # The slowest units first (by --durations); the other files follow in collection order.
-SLOWEST_FIRST = ('launch_two_processes', 'test_data_end_to_end.py', 'test_launch.py', 'test_train.py',
-                 'test_evaluate.py', 'test_own_videos.py', 'test_benchmark.py', 'test_data_store.py')
+# test_gpu_check.py is fast where it is skipped (no CUDA plugin) and among the slowest where it runs (.ci/run).
+SLOWEST_FIRST = ('launch_two_processes', 'test_gpu_check.py', 'test_data_end_to_end.py', 'test_launch.py',
+                 'test_parity.py', 'test_train.py', 'test_reliability_run.py', 'test_evaluate.py',
+                 'test_reliability_checkpoints.py', 'test_benchmark.py', 'test_reliability_tools.py',
+                 'test_own_videos.py', 'test_model.py', 'test_metrics.py', 'test_data_store.py')
 
 
 @pytest.hookimpl(tryfirst=True)
