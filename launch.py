@@ -153,7 +153,8 @@ def _main(argv):
     process_id = int(cfg.process_id) if int(cfg.process_id) >= 0 else os.environ.get('JAX_PROCESS_ID')
     return supervisor.supervise([os.path.abspath(sys.argv[0]), *sys.argv[1:]], _WORKDIR.value,
                                 None if process_id is None else int(process_id),
-                                int(cfg.num_processes) or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None, verbose)
+                                int(cfg.num_processes) or int(os.environ.get('JAX_NUM_PROCESSES', 0)) or None, verbose,
+                                cfg.coordinator_address or os.environ.get('JAX_COORDINATOR_ADDRESS'))
   if supervisor.is_child():
     supervisor.child_setup()
   if cfg.distributed:

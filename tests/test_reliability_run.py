@@ -19,6 +19,7 @@ import pytest
 
 from srvp_jax import checkpoints
 from srvp_jax import train
+from srvp_jax.train import supervisor
 from srvp_jax.train import validation
 
 from helpers import snapshot  # pylint: disable=wrong-import-order
@@ -262,3 +263,20 @@ def test_lost_process_of_a_multi_process_run_is_one_line(tmp_path):
     assert noise not in err, err
   assert waited < 120, waited
   print(f'process 1 ended {waited:.1f} s after process 0 was killed')
+
+
+def test_a_bare_runtime_crash_after_the_coordinator_went_is_a_lost_process_zero():
+  """Item 10, the other way the runtime dies: a check failure whose stack trace names no cause (seen as SIGSEGV
+  under load). Nothing answering at the coordinator's address then says process 0 is lost; an address that answers
+  keeps the generic line (no guess)."""
+  closed = _free_port()  # Nothing listens there.
+  crash = '*** Check failure stack trace: ***\n    @ 0x7f0 (unknown)\n'
+  assert supervisor.coordinator_gone(f'127.0.0.1:{closed}')
+  line = supervisor.describe_end(crash, signal.SIGSEGV, 1, 2, '/nowhere', supervisor.coordinator_gone(
+      f'127.0.0.1:{closed}'))
+  assert line.startswith('lost process 0 of the 2-process run (the coordinator is gone); process 1 stopped too: '), line
+  with socket.create_server(('127.0.0.1', 0)) as server:
+    assert not supervisor.coordinator_gone(f'127.0.0.1:{server.getsockname()[1]}')
+  assert not supervisor.coordinator_gone('') and not supervisor.coordinator_gone(None)
+  line = supervisor.describe_end(crash, signal.SIGSEGV, 1, 2, '/nowhere', False)
+  assert line.startswith('the training process ended by SIGSEGV: *** Check failure stack trace: ***;'), line

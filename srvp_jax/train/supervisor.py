@@ -23,6 +23,7 @@ import ctypes
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from typing import Sequence
@@ -58,8 +59,13 @@ def child_setup() -> None:
 
 
 def supervise(argv: Sequence[str], workdir: str, process_id: int | None, num_processes: int | None,
-              verbose: bool) -> int:
-  """Runs ``argv`` (this launch command) as the training child; returns the exit status to leave with."""
+              verbose: bool, coordinator: str | None = None) -> int:
+  """Runs ``argv`` (this launch command) as the training child; returns the exit status to leave with.
+
+  ``coordinator``: the run's coordinator address (HOST:PORT), probed when the child dies by a signal without the
+  runtime naming the cause (a check failure with a bare stack trace): nothing answering there means process 0,
+  which hosts the coordination service, is gone.
+  """
   env = dict(os.environ, **{CHILD_ENV: f"{os.getpid()}:{'tty' if sys.stderr.isatty() else 'pipe'}"})
   if not verbose:
     env['TF_CPP_MIN_LOG_LEVEL'] = '3'  # The runtime's C++ ERROR lines: a lost peer is told in one line.
@@ -95,7 +101,8 @@ def supervise(argv: Sequence[str], workdir: str, process_id: int | None, num_pro
     _write([(own[0] + '\n').encode()])
   if rc >= 0 or own:
     return rc if rc >= 0 else cli.FAILURE
-  sys.stderr.write('error: ' + describe_end(text, -rc, process_id, num_processes, workdir) + '\n')
+  gone = process_id != 0 and coordinator_gone(coordinator)
+  sys.stderr.write('error: ' + describe_end(text, -rc, process_id, num_processes, workdir, gone) + '\n')
   sys.stderr.flush()
   return cli.FAILURE
 
@@ -126,11 +133,30 @@ def _write(pieces: list[bytes]) -> None:
     os.write(2, piece)
 
 
-def describe_end(text: str, signum: int, process_id: int | None, num_processes: int | None, workdir: str) -> str:
-  """The one line for a training child ended by ``signum`` after the runtime's fatal ``text``."""
+def coordinator_gone(address: str | None, timeout: float = 2.0) -> bool:
+  """Whether nothing accepts a TCP connection at the coordinator's ``HOST:PORT`` (False when unknown or when
+  something answers)."""
+  host, _, port = (address or '').rpartition(':')
+  if not host or not port.isdigit():
+    return False
+  try:
+    with socket.create_connection((host.strip('[]'), int(port)), timeout=timeout):
+      return False
+  except ConnectionRefusedError:
+    return True
+  except OSError:  # Unreachable, timed out, unknown host: no proof either way.
+    return False
+
+
+def describe_end(text: str, signum: int, process_id: int | None, num_processes: int | None, workdir: str,
+                 coordinator_is_gone: bool = False) -> str:
+  """The one line for a training child ended by ``signum`` after the runtime's fatal ``text``; a lost peer when
+  the text says so or ``coordinator_is_gone``."""
   resume = resume_hint(workdir, num_processes)
   if any(w in text.lower() for w in _PEER_WORDS):
     return lost_line(text, process_id, num_processes, resume)
+  if coordinator_is_gone:
+    return lost_line(text, process_id, num_processes, resume, known=([0], 'the coordinator is gone'))
   try:
     name = signal.Signals(signum).name
   except ValueError:
@@ -140,11 +166,15 @@ def describe_end(text: str, signum: int, process_id: int | None, num_processes: 
   return f'the training process ended by {name}{why}' + (f': {first}' if first else '') + f'; {resume}'
 
 
-def lost_line(text: str, process_id: int | None, num_processes: int | None, resume: str) -> str:
-  """``lost process K of the N-process run (why); ...`` from the runtime's message ``text``."""
+def lost_line(text: str, process_id: int | None, num_processes: int | None, resume: str,
+              known: tuple[list[int], str] | None = None) -> str:
+  """``lost process K of the N-process run (why); ...`` from the runtime's message ``text`` (or ``known``:
+  the lost processes and why, found otherwise)."""
   lost = []
   m = re.search(r'stopped sending heartbeats\):\s*((?:\d+[\s,]*)+)', text)
-  if m:
+  if known is not None:
+    lost, why = known
+  elif m:
     lost = [int(k) for k in re.findall(r'\d+', m.group(1))]
     why = 'it stopped sending heartbeats'
   elif re.search(r'[Tt]ask (\d+) heartbeat', text):
