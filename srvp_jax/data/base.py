@@ -20,9 +20,11 @@ import abc
 import collections
 import concurrent.futures
 import functools
+import os
 import re
 import sys
 import threading
+import zipfile
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -125,6 +127,20 @@ def check_nc(cfg: Mapping[str, Any], nc: int, name: str) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # Video sources: the store (store.StoreVideos) or an official layout (PNG frames, npz files).
 # ---------------------------------------------------------------------------------------------------------------------
+
+def read_test_sequences(path: str, make: str, missing: str, label: str = 'test file',
+                        allow_pickle: bool = False) -> np.ndarray:
+  """The ``sequences`` array of the test-set file ``path``, else one line with the command that makes it (``make``):
+  FileNotFoundError "``missing``: expected ``path``", or DataError "``label`` ``path`` is unreadable"."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{missing}: expected {path}; create it with `{make}`')
+  try:
+    with np.load(path, allow_pickle=allow_pickle) as f:
+      return f['sequences']
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+    raise DataError(f'{label} {path} is unreadable ({type(e).__name__}: {e}); create it again with `{make}`') \
+        from None
+
 
 def natural_key(name: str) -> list:
   """Sort key ordering 'image-999.png' before 'image-1000.png' (frame order, unlike plain sorting)."""

@@ -19,7 +19,6 @@ extracts of N frames is ``DIR/svg_test_set_N.npz`` (``sequences`` (1000, N, 64, 
 from __future__ import annotations
 
 import os
-import zipfile
 
 import numpy as np
 
@@ -98,15 +97,9 @@ class KTH(base.ClipDataset):
     """The official extracts of ``seq_len`` frames (default 40), uint8 (N, seq_len, 64, 64, 1)."""
     seq_len = TEST_LEN if seq_len is None else int(seq_len)
     path = official_test_file(self.data_dir, seq_len)
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'KTH test set for {seq_len} frames not found: expected {path}; create it with '
-                              f'`{base.command("make_test_set", "kth", self.data_dir, f" --seq_len {seq_len}")}`')
-    try:
-      with np.load(path, allow_pickle=True) as f:
-        sequences = f['sequences']
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-      raise DataError(f'KTH test file {path} is unreadable ({type(e).__name__}: {e}); create it again with '
-                      f'`{base.command("make_test_set", "kth", self.data_dir, f" --seq_len {seq_len}")}`') from None
+    make = base.command('make_test_set', 'kth', self.data_dir, f' --seq_len {seq_len}')
+    sequences = base.read_test_sequences(path, make, f'KTH test set for {seq_len} frames not found', 'KTH test file',
+                                         allow_pickle=True)
     if sequences.ndim != 4 or sequences.shape[1:] != (seq_len, NX, NX) or sequences.dtype != np.uint8:
       raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 '
                       f'(N, {seq_len}, 64, 64)')

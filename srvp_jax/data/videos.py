@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 import numpy as np
 
@@ -68,15 +67,7 @@ class Videos(base.ClipDataset):
     seq_len = TEST_LEN if seq_len is None else int(seq_len)
     path = test_file(self.data_dir, seq_len)
     make = base.command('make_test_set', self.name, self.data_dir, f' --seq_len {seq_len}')
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f'test set of {seq_len}-frame extracts not found: expected {path}; create it with '
-                              f'`{make}`')
-    try:
-      with np.load(path, allow_pickle=False) as f:
-        sequences = f['sequences']
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
-      raise DataError(f'test file {path} is unreadable ({type(e).__name__}: {e}); create it again with `{make}`') \
-          from None
+    sequences = base.read_test_sequences(path, make, f'test set of {seq_len}-frame extracts not found')
     if sequences.ndim != 5 or sequences.shape[1:] != (seq_len, NX, NX, self.nc) or sequences.dtype != np.uint8:
       raise DataError(f'{path}: sequences is {sequences.dtype} {sequences.shape}, expected uint8 '
                       f'(N, {seq_len}, 64, 64, {self.nc}); create it again with `{make}`')
