@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: random model variables without compiling an initialisation, workdir snapshots."""
+"""Helpers shared by the tests: random model variables without compiling an initialisation, workdir snapshots,
+a free port."""
 
 import hashlib
 import os
+import socket
 
 import jax
 import numpy as np
@@ -38,3 +40,10 @@ def snapshot(folder):
       with open(p, 'rb') as f:
         out[os.path.relpath(p, folder)] = (hashlib.sha256(f.read()).hexdigest(), os.stat(p).st_mtime_ns)
   return out
+
+
+def free_port():
+  """A TCP port on localhost nobody listens on (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]

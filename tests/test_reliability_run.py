@@ -22,7 +22,7 @@ from srvp_jax import train
 from srvp_jax.train import supervisor
 from srvp_jax.train import validation
 
-from helpers import snapshot  # pylint: disable=wrong-import-order
+from helpers import free_port, snapshot  # pylint: disable=wrong-import-order
 from test_launch import (ROOT, TINY_FLAGS, _Run, _losses, _quickstart_config,  # pylint: disable=wrong-import-order
                          launch_cmd)
 
@@ -207,23 +207,17 @@ def test_sigterm_during_validation_abandons_it_and_saves(tmp_path, monkeypatch, 
   print(f'SIGTERM to Interrupted: {elapsed:.2f} s')
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def test_lost_process_of_a_multi_process_run_is_one_line(tmp_path):
   """Items 10 and 2: two processes (jax.distributed on localhost) start a run; they share the lock, another taker
   is refused naming process 0; process 0 is killed -9 (launcher and training) while the first step compiles:
   process 1 ends in bounded time with one line naming process 0 and how to go on, exit status 1, no traceback,
   abort or thread dump (its runtime aborts it: its launcher turns that into the line)."""
   workdir = tmp_path / 'run'
-  port = _free_port()
+  port = free_port()
   procs, started = [], threading.Event()
   for pid in range(2):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid), XLA_FLAGS='--xla_force_host_platform_device_count=1')
+               JAX_PROCESS_ID=str(pid), XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=1')
     procs.append(subprocess.Popen(launch_cmd(workdir, *LONG, '--config.distributed=True'), cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
   out0 = []
@@ -269,7 +263,7 @@ def test_a_bare_runtime_crash_after_the_coordinator_went_is_a_lost_process_zero(
   """Item 10, the other way the runtime dies: a check failure whose stack trace names no cause (seen as SIGSEGV
   under load). Nothing answering at the coordinator's address then says process 0 is lost; an address that answers
   keeps the generic line (no guess)."""
-  closed = _free_port()  # Nothing listens there.
+  closed = free_port()  # Nothing listens there.
   crash = '*** Check failure stack trace: ***\n    @ 0x7f0 (unknown)\n'
   assert supervisor.coordinator_gone(f'127.0.0.1:{closed}')
   line = supervisor.describe_end(crash, signal.SIGSEGV, 1, 2, '/nowhere', supervisor.coordinator_gone(
