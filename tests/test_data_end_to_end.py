@@ -1,4 +1,4 @@
-"""End to end from the real raw formats, per dataset: prepare -> make_test_set -> launch.py (2 steps) -> evaluate.
+"""End to end from the real raw formats, per dataset: prepare -> make_test_set -> training (2 steps) -> evaluate.
 
 Fixtures are written in the formats the owners distribute (tests/raw_fixtures.py): KTH AVI files (two
 classes inside their zip archives), Human3.6M MP4 files of every subject (with a '_ALL' video to skip),
@@ -8,20 +8,24 @@ section 6: the splits by subject of videos prepared from the raw files, the skip
 official test-set draws on the prepared store (and that they do not change between runs).
 """
 
+import contextlib
+import importlib
+import io
 import json
 import math
 import os
-import subprocess
-import sys
+import traceback
 
 import numpy as np
 import pytest
 
+from srvp_jax import config as config_lib
+from srvp_jax import evaluate
+from srvp_jax import train
 from srvp_jax.data import get_dataset, store
 from srvp_jax.preparation import cli, human, kth
 from tests import raw_fixtures as rf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KTH_CLASSES = ('boxing', 'handclapping', 'handwaving', 'jogging', 'running', 'walking')
 KTH_LEN = 10  # Frames of every KTH fixture video (the test-set draws then do not depend on which video).
 KTH_TEST = dict(size=4, seq_len=5)
@@ -36,31 +40,23 @@ TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh
             lr_scheduling_n_iter=1, val_interval=2, chkpt_interval=2, n_iter_test=1, batch_size_test=2,
             n_samples_test=2, val_sample_chunk=2, log_interval=1, num_data_workers=1)
 # Per dataset: (--nt_gen of the evaluation, more config overrides).
-# Human3.6M takes BAIR's obs_scale and res_gain: the two then compile the same programs (see STAGES).
+# Human3.6M takes BAIR's obs_scale and res_gain: the two then compile the same programs (see runs).
 EXTRA = {'kth': (KTH_TEST['seq_len'], {}),
          'human': (HUMAN_TEST['seq_len'], {'subsampling': HUMAN_SUB, 'obs_scale': 0.71, 'res_gain': 1.41}),
          'bair': (BAIR_NT_GEN, {})}
 
 
-def _start(argv, log):
-  """A fresh Python process in the repository root (CPU JAX; the compilation cache of conftest.py), output to log."""
-  with open(log, 'w', encoding='utf-8') as f:
-    return subprocess.Popen([sys.executable] + argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                            stdout=f, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(processes):
-  """Waits for {name: (process, log)} (killed after 300 s); returns {name: (exit status, output)}."""
-  out = {}
-  for name, (process, log) in processes.items():
+def _in_process(fn):
+  """Runs ``fn()`` in this process, its output captured: (exit status, output). An exception is status 1 with
+  its traceback (shown by the failing assertion)."""
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
     try:
-      code = process.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-      process.kill()
-      code = process.wait()
-    with open(log, encoding='utf-8') as f:
-      out[name] = code, f.read()
-  return out
+      code = fn()
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc(file=out)
+      code = 1
+  return code, out.getvalue()
 
 
 def _data_cli(capsys, *argv):
@@ -71,49 +67,42 @@ def _data_cli(capsys, *argv):
   return out.out
 
 
-# Processes of the end-to-end runs, stage by stage; a stage's processes run side by side (their time is mostly
-# single-threaded start-up and compilation). BAIR comes after Human3.6M: same model, shapes and loss (EXTRA), so
-# it finds Human3.6M's compiled programs in the compilation cache.
-STAGES = ((('kth', 'train'), ('human', 'train')), (('kth', 'eval'), ('human', 'eval'), ('bair', 'train')),
-          (('bair', 'eval'),))
+def _train(cfg, workdir):
+  train.train_and_evaluate(cfg, workdir, progress=False)
+  return 0
 
 
 @pytest.fixture(scope='module')
 def runs(request, tmp_path_factory):
-  """launch.py (2 steps) then ``python -m srvp_jax.evaluate`` on each prepared dataset whose end-to-end test runs.
+  """Training (2 steps) then ``python -m srvp_jax.evaluate`` on each prepared dataset whose end-to-end test runs.
 
+  Both run in this process: what launch.py adds (flags, console, signals) is tested in test_launch.py, on the same
+  ``train_and_evaluate``. The training reads the dataset's config file with the overrides, as launch.py does.
+  BAIR comes after Human3.6M: same model, shapes and loss (EXTRA), so its programs come from the compilation cache.
   Returns {dataset: {'workdir', 'out', 'train': (status, output), 'eval': (status, output) or None}}.
   """
   selected = {item.name for item in request.session.items}
   root = tmp_path_factory.mktemp('runs')
   info = {}
-  for name in EXTRA:
+  for name in ('kth', 'human', 'bair'):  # Prepared first: preparing starts ffmpeg, before JAX starts its threads.
     if f'test_{name}_end_to_end' in selected:
       info[name] = dict(data_dir=request.getfixturevalue(f'{name}_data')[0], workdir=str(root / f'{name}_run'),
                         out=str(root / f'{name}_eval'), eval=None)
-
-  def argv(name, step):
-    d = info[name]
-    if step == 'train':
-      overrides = {**TINY, **EXTRA[name][1], 'data_dir': d['data_dir']}
-      return ['launch.py', '--config', f'configs/{name}.py', '--workdir', d['workdir']] + [
-          f'--config.{k}={v}' for k, v in overrides.items()]
-    return ['-m', 'srvp_jax.evaluate', d['workdir'], '--data_dir', d['data_dir'], '--metrics', 'psnr,ssim',
-            '--n_samples', '2', '--nt_gen', str(EXTRA[name][0]), '--n_show', '0', '--out', d['out'], '--no_progress']
-
-  for stage in STAGES:
-    started = {}
-    for name, step in stage:
-      if name in info and (step == 'train' or info[name]['train'][0] == 0):
-        log = str(root / f'{name}_{step}.log')
-        started[(name, step)] = (_start(argv(name, step), log), log)
-    for (name, step), result in _finish(started).items():
-      info[name][step] = result
+  for name, d in info.items():
+    cfg = importlib.import_module(f'configs.{name}').get_config()
+    cfg.unlock()
+    cfg.update({**TINY, **EXTRA[name][1], 'data_dir': d['data_dir']})
+    config_lib.validate(cfg)
+    d['train'] = _in_process(lambda cfg=cfg, d=d: _train(cfg, d['workdir']))
+    if d['train'][0] == 0:
+      d['eval'] = _in_process(lambda d=d, name=name: evaluate.main([
+          d['workdir'], '--data_dir', d['data_dir'], '--metrics', 'psnr,ssim', '--n_samples', '2', '--nt_gen',
+          str(EXTRA[name][0]), '--n_show', '0', '--out', d['out'], '--no_progress']))
   return info
 
 
 def _check_run(run, dataset, nt_gen, n_test):
-  """What launch.py and evaluate wrote: 2 finite train steps, a validation, finite test metrics."""
+  """What the training and evaluate wrote: 2 finite train steps, a validation, finite test metrics."""
   code, output = run['train']
   assert code == 0, output[-3000:]
   assert 'note:' not in output  # Trained from the store (no hint to prepare it).
@@ -165,7 +154,7 @@ def kth_data(tmp_path_factory):
 
 
 def test_kth_end_to_end(runs):
-  """AVI files (two classes in their zip archives) -> prepare -> make_test_set -> launch.py -> evaluate."""
+  """AVI files (two classes in their zip archives) -> prepare -> make_test_set -> training -> evaluate."""
   _check_run(runs['kth'], 'kth', nt_gen=KTH_TEST['seq_len'], n_test=KTH_TEST['size'])
 
 
@@ -214,7 +203,7 @@ def human_data(tmp_path_factory):
 
 
 def test_human_end_to_end(runs):
-  """MP4 files -> prepare -> make_test_set -> launch.py (subsampling 2) -> evaluate."""
+  """MP4 files -> prepare -> make_test_set -> training (subsampling 2) -> evaluate."""
   _check_run(runs['human'], 'human', nt_gen=HUMAN_TEST['seq_len'], n_test=HUMAN_TEST['size'])
 
 
@@ -265,7 +254,7 @@ def bair_data(tmp_path_factory):
 
 
 def test_bair_end_to_end(runs, bair_data):
-  """TFRecords -> prepare -> launch.py -> evaluate (the test set is the first frames of the test videos)."""
+  """TFRecords -> prepare -> training -> evaluate (the test set is the first frames of the test videos)."""
   _check_run(runs['bair'], 'bair', nt_gen=BAIR_NT_GEN, n_test=len(bair_data[1]['test']))
 
 

@@ -163,18 +163,9 @@ def _losses(workdir):
     return sum('"loss"' in l for l in f)
 
 
-@pytest.mark.parametrize('sig', ['SIGINT', 'SIGTERM'])
-def test_signal_saves_a_valid_state_and_exits_cleanly(tmp_path, sig):
-  """SIGINT during the first compilation, SIGTERM between steps (right after a donated step):
-  the step actually finished is saved and named, no traceback, exit status 128 + signal."""
-  workdir = tmp_path / 'run'
-  flags = [*TINY_FLAGS, '--config.lr_scheduling_burnin=100000', '--config.log_interval=1',
-           '--config.val_interval=100000', '--config.chkpt_interval=100000']
-  run = _Run(workdir, *flags)
-  if sig == 'SIGINT':
-    run.wait_for(lambda: any('training from step 0' in l for l in run.lines))  # Compilation starts.
-  else:
-    run.wait_for(lambda: _losses(workdir) >= 3)
+def _signal_and_finish(run, sig, workdir):
+  """Sends ``sig`` to the running launch.py: it exits with 128 + signal, no traceback, having saved (and named)
+  the step it finished; that step is the latest checkpoint. Returns it."""
   run.proc.send_signal(getattr(signal, sig))
   rc, err = run.finish()
   assert rc == 128 + getattr(signal, sig), err
@@ -182,11 +173,26 @@ def test_signal_saves_a_valid_state_and_exits_cleanly(tmp_path, sig):
   saved = [l for l in err.splitlines() if l.startswith(f'{sig}: saved step ')]
   assert len(saved) == 1, err
   step = int(saved[0].split('saved step ')[1].split()[0])
-  assert step >= (1 if sig == 'SIGINT' else 3)
   assert checkpoints.load_model(str(workdir), 'latest')[2] == step
-  # Resuming continues from there.
+  return step
+
+
+def test_signals_save_a_valid_state_and_exit_cleanly(tmp_path):
+  """SIGINT during the first compilation; resumed, SIGTERM between steps (right after a donated step); resumed
+  again, SIGTERM right after resuming: each time the step actually finished is saved and named, no traceback,
+  exit status 128 + signal, and the next run resumes from it (one workdir, three runs)."""
+  workdir = tmp_path / 'run'
+  flags = [*TINY_FLAGS, '--config.lr_scheduling_burnin=100000', '--config.log_interval=1',
+           '--config.val_interval=100000', '--config.chkpt_interval=100000']
   run = _Run(workdir, *flags)
-  run.wait_for(lambda: any(f'resuming at step {step}' in l for l in run.lines))
-  run.proc.send_signal(signal.SIGTERM)
-  rc, err = run.finish()
-  assert rc == 128 + signal.SIGTERM and 'Traceback' not in err, err
+  run.wait_for(lambda: any('training from step 0' in l for l in run.lines))  # Compilation starts.
+  first = _signal_and_finish(run, 'SIGINT', workdir)
+  assert first >= 1
+  run = _Run(workdir, *flags)  # Resumes, then takes 3 more steps.
+  run.wait_for(lambda: any(f'resuming at step {first}' in l for l in run.lines))
+  run.wait_for(lambda: _losses(workdir) >= first + 3)
+  second = _signal_and_finish(run, 'SIGTERM', workdir)
+  assert second >= first + 3
+  run = _Run(workdir, *flags)
+  run.wait_for(lambda: any(f'resuming at step {second}' in l for l in run.lines))
+  _signal_and_finish(run, 'SIGTERM', workdir)
