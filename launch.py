@@ -27,6 +27,7 @@ from srvp_jax import checkpoints
 from srvp_jax import cli
 from srvp_jax import config as config_lib
 from srvp_jax import data
+from srvp_jax import import_order
 from srvp_jax import train
 from srvp_jax.data import DataError
 from srvp_jax.train import supervisor
@@ -147,6 +148,7 @@ def _main(argv):
     raise cli.UsageError(f'unexpected arguments {argv[1:]}')
   verbose = flags.FLAGS['verbosity'].present
   cli.start(verbose=verbose, cache_compilations=True)
+  import_order.without_torchvision()  # Training computes no LPIPS: TensorBoard's TensorFlow needs no torch first.
   check_workdir(_WORKDIR.value)
   cfg = load_config()
   if cfg.distributed and not supervisor.is_child():

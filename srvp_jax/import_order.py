@@ -3,8 +3,9 @@
 Importing TensorFlow before torchvision crashes the process (segfault) with the pinned versions;
 importing torch / torchvision first is safe. TensorFlow is therefore never imported at a module's top:
 the readers of TensorFlow formats (TFRecords, TFDS) and clu's writers ask ``import_tensorflow()`` for it,
-which imports torch and torchvision first (if installed) and hides the GPUs from TensorFlow so that it
-does not reserve memory JAX needs. The entry points (``srvp_jax.cli.start``) call ``import_torch_first()``
+which imports torch and torchvision first (if installed; not in a process that said it never imports
+torchvision, ``without_torchvision``: training) and hides the GPUs from TensorFlow so that it does not
+reserve memory JAX needs. The entry points (``srvp_jax.cli.start``) call ``import_torch_first()``
 when the tool will use torch (LPIPS, the PyTorch baseline), before anything can import TensorFlow.
 Imports are at the top of modules, except these, which this module's functions import when first needed:
 TensorFlow, TensorFlow Datasets and lpips (the order above: ``import_tensorflow``,
@@ -23,6 +24,7 @@ import importlib.util
 import sys
 
 _TF = None
+_TORCHVISION_LATER = True  # Whether this process may import torchvision later (see without_torchvision).
 
 
 class ImportOrderError(RuntimeError):
@@ -40,6 +42,17 @@ def import_torch_first() -> None:
   for name in ('torch', 'torchvision'):
     if importlib.util.find_spec(name) is not None:
       importlib.import_module(name)
+
+
+def without_torchvision() -> None:
+  """Declares that this process never imports torchvision (training: it computes no LPIPS).
+
+  ``import_tensorflow`` then imports TensorFlow without importing torch and torchvision before it (about 4 s of a
+  training process's start-up). Should something ask for torchvision all the same (``import_torch_first``,
+  ``import_lpips``), it gets ImportOrderError, never a crash. torch alone (PyTorch checkpoints) stays safe.
+  """
+  global _TORCHVISION_LATER
+  _TORCHVISION_LATER = False
 
 
 def import_torch():
@@ -66,7 +79,7 @@ def import_tensorflow():
   if _TF is None:
     if importlib.util.find_spec('tensorflow') is None:
       raise ImportError('This input pipeline needs TensorFlow: pip install tensorflow-cpu tensorflow-datasets')
-    if 'tensorflow' not in sys.modules:
+    if 'tensorflow' not in sys.modules and _TORCHVISION_LATER:
       import_torch_first()
     tf = importlib.import_module('tensorflow')
     tf.config.set_visible_devices([], 'GPU')

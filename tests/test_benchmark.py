@@ -15,7 +15,8 @@ from srvp_jax import benchmark
 from srvp_jax.model import onednn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2, nt_inf=2, batch_size_test=2)
+TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2,
+            nt_inf=2, batch_size_test=2)
 TINY_ARG = ','.join(f'{k}={v}' for k, v in TINY.items())
 BATCH = 4
 

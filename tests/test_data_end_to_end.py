@@ -35,8 +35,8 @@ BAIR_NT_GEN = 5
 
 # A tiny model and run: 2 train steps, validation and checkpoint at step 2. The values of test_data_store.py's
 # end-to-end run, so that the KTH runs of both files compile the same programs (compiled once, then cached).
-TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_res=2, n_euler_steps=1,
-            nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=4, lr_scheduling_burnin=1,
+TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_inf=2, nlayers_res=2,
+            n_euler_steps=1, nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=4, lr_scheduling_burnin=1,
             lr_scheduling_n_iter=1, val_interval=2, chkpt_interval=2, n_iter_test=1, batch_size_test=2,
             n_samples_test=2, val_sample_chunk=2, log_interval=1, num_data_workers=1)
 # Per dataset: (--nt_gen of the evaluation, more config overrides).

@@ -411,8 +411,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys, argv, code, expected):
 # End to end: a KTH-like PNG folder -> prepare -> launch.py (2 steps, validation) -> make_test_set -> evaluate.
 # --------------------------------------------------------------------------------------------------------------------
 
-TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_res=2, n_euler_steps=1,
-            nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=4, lr_scheduling_burnin=1,
+TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nlayers_inf=2, nlayers_res=2,
+            n_euler_steps=1, nt_inf=2, nt_cond=2, seq_len=4, seq_len_test=5, batch_size=4, lr_scheduling_burnin=1,
             lr_scheduling_n_iter=1, val_interval=2, chkpt_interval=2, n_iter_test=1, batch_size_test=2,
             n_samples_test=2, val_sample_chunk=2, log_interval=1, num_data_workers=1)
 

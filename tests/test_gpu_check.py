@@ -17,8 +17,8 @@ from flax import nnx
 from srvp_jax import benchmark, cli, config as config_lib, gpu_check
 from srvp_jax.model import backend, build_model, layers
 
-TINY = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2, nt_inf=2, batch_size_test=2,
-            val_sample_chunk=3, test_n_samples=4, test_nt_gen=6)
+TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2,
+            nt_inf=2, batch_size_test=2, val_sample_chunk=3, test_n_samples=4, test_nt_gen=6)
 needs_plugin = pytest.mark.skipif(gpu_check.plugin_missing() is not None,
                                   reason=f'deviceless GPU compile: {gpu_check.plugin_missing()}')
 

@@ -7,6 +7,8 @@ function-level import is found too.
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -155,3 +157,21 @@ def test_imports_are_at_module_top_but_an_allow_list(tmp_path):
                convert_torch_ckpt=os.path.join(ROOT, 'convert_torch_ckpt.py'))
   found = {(module, name) for module, path in files.items() for name in in_function_imports(path)}
   assert found == set(IN_FUNCTION), f'new: {sorted(found - set(IN_FUNCTION))}, gone: {sorted(set(IN_FUNCTION) - found)}'
+
+
+def test_a_training_process_imports_tensorflow_without_torch():
+  """launch.py declares it never imports torchvision: TensorBoard's TensorFlow comes without torch (~4 s of
+  start-up), and a later request for torchvision is refused in one line instead of crashing the process."""
+  script = ('import sys\n'
+            'from srvp_jax import import_order\n'
+            'import_order.without_torchvision()\n'
+            'import_order.import_tensorflow()\n'
+            'assert "torch" not in sys.modules and "torchvision" not in sys.modules, "torch was imported"\n'
+            'try:\n'
+            '  import_order.import_lpips()\n'
+            'except import_order.ImportOrderError as e:\n'
+            '  print("refused:", e)\n')
+  res = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       check=False)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.startswith('refused: torchvision crashes once TensorFlow is imported'), res.stdout

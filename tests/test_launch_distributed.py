@@ -47,9 +47,9 @@ except train.Interrupted as e:
   kill_at = -1  # Resume (a new train_and_evaluate: restored from the checkpoint on disk) to the end.
   train.train_and_evaluate(cfg, workdir, train_batches=batches, val_batches=lambda step: iter([val]), progress=False)
 '''
-DIST = dict(nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2, seq_len=6, batch_size=8,
-            lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=2, chkpt_interval=2, log_interval=1,
-            n_samples_test=3, val_sample_chunk=2, n_val_videos_gif=2)
+DIST = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2,
+            seq_len=6, batch_size=8, lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=2, chkpt_interval=2,
+            log_interval=1, n_samples_test=3, val_sample_chunk=2, n_val_videos_gif=2)
 
 
 def _two_processes(script, workdir, kill_at, alongside=None):
