@@ -21,6 +21,8 @@ os.environ['JAX_PLATFORMS'] = 'cpu'
 import numpy as np
 import launch
 from srvp_jax import config as C
+from srvp_jax import import_order
+import_order.without_torchvision()  # As launch.py does: training imports no torch.
 cfg = C.with_overrides(**%s, distributed='JAX_NUM_PROCESSES' in os.environ)
 if cfg.distributed:
   launch.initialize_distributed(cfg)  # From JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.

@@ -24,6 +24,19 @@ DCGAN, VGG_SKIP = os.path.join(GOLDEN, 'dcgan'), os.path.join(GOLDEN, 'vgg_skip'
 NOT_COMPARED = ('x', 'pred/nt_cond', 'pred/nt_pred', 'train/skip_frame', 'train/w_frames')
 
 
+_REPLAYS = {}
+_REPLAY = parity.replay
+
+
+def replay(golden_dir, precision, forms=None):
+  """``parity.replay`` of a whole folder, computed once per test process: the replays are pure functions of
+  their folder, precision and forms (the CLI test reads the same ones, below)."""
+  key = (golden_dir, precision, forms)
+  if key not in _REPLAYS:
+    _REPLAYS[key] = _REPLAY(golden_dir, precision, forms=forms)
+  return _REPLAYS[key]
+
+
 def recorded_outputs(golden_dir, precision):
   """Reference keys that are outputs (every one must be compared), not inputs or injected noise."""
   with np.load(os.path.join(golden_dir, parity.REFERENCE_FILES[precision])) as g:
@@ -32,7 +45,7 @@ def recorded_outputs(golden_dir, precision):
 
 @pytest.mark.parametrize('golden_dir', [DCGAN, VGG_SKIP], ids=['dcgan', 'vgg_skip'])
 def test_float64_replay_matches_every_recorded_quantity(golden_dir):
-  results = parity.replay(golden_dir, 'float64')
+  results = replay(golden_dir, 'float64')
   names = [c.name for c in results]
   assert len(names) == len(set(names)) and set(names) == recorded_outputs(golden_dir, 'float64')
   assert {c.kind for c in results} == {'forward', 'loss', 'grad'}
@@ -45,21 +58,21 @@ def test_float64_replay_matches_every_recorded_quantity(golden_dir):
 
 def test_float64_replay_with_the_gpu_layer_forms_is_exact():
   """The GPU forms (lhs-dilated transposed convolutions, traced for a GPU, run here) replay DCGAN exactly."""
-  results = parity.replay(DCGAN, 'float64', forms='gpu')
+  results = replay(DCGAN, 'float64', forms='gpu')
   assert {c.name for c in results} == recorded_outputs(DCGAN, 'float64')
   assert all(c.ok for c in results), [c for c in results if not c.ok]
   assert max(c.rel_err for c in results) < 1e-12
 
 
 def test_float32_replay_dcgan_matches_values_losses_and_gradients():
-  results = parity.replay(DCGAN, 'float32')
+  results = replay(DCGAN, 'float32')
   assert {c.name for c in results} == recorded_outputs(DCGAN, 'float32')
   assert all(c.ok for c in results), [c for c in results if not c.ok]
   assert sum(c.kind == 'grad' for c in results) > 30
 
 
 def test_float32_replay_vgg_skip_compares_everything_but_gradients():
-  results = parity.replay(VGG_SKIP, 'float32')
+  results = replay(VGG_SKIP, 'float32')
   expected = {k for k in recorded_outputs(VGG_SKIP, 'float32') if not k.startswith('train/grad/')}
   assert {c.name for c in results} == expected
   assert all(c.ok for c in results), [c for c in results if not c.ok]
@@ -78,9 +91,14 @@ def test_replay_detects_a_model_that_differs(tmp_path):
   assert not results['eval/loss/loss'].ok and results['eval/loss/loss'].rel_err < 1e-6
 
 
-def test_cli_passes_and_exits_0(capsys):
-  """``python -m srvp_jax.parity DIR``'s main, in this process (its process-level error path: the test below)."""
+def test_cli_passes_and_exits_0(capsys, monkeypatch):
+  """``python -m srvp_jax.parity DIR``'s main, in this process (its process-level error path: the test below), on
+  the replays the tests above computed and checked (computed now if they did not run)."""
+  calls = []
+  monkeypatch.setattr(parity, 'replay', lambda d, precision, forms=None: calls.append((precision, forms)) or replay(
+      d, precision, forms))
   code = parity.main([DCGAN])
+  assert calls == [('float64', None), ('float32', None), ('float64', 'gpu')]  # Each precision, then the GPU forms.
   out = capsys.readouterr()
   assert code == 0, out.out + out.err
   assert 'dcgan [float64]: 98/98 quantities within tolerance' in out.out

@@ -234,7 +234,7 @@ def test_paper_configs_build_the_paper_models(name, params):
 def test_short_training_run_lowers_the_loss(tmp_path):
   """The quick-start setup on the offline digits learns: late losses are well below early ones."""
   cfg = tiny_config(digits_source='standin', nf=16, nhx=32, ny=8, nz=8, nh_inf=32, nh_res=32, seq_len=8,
-                    nt_cond=3, batch_size=16, lr=1e-3, lr_scheduling_burnin=60, lr_scheduling_n_iter=1,
+                    nt_cond=3, batch_size=16, lr=1e-3, lr_scheduling_burnin=45, lr_scheduling_n_iter=1,
                     chkpt_interval=1000, log_interval=1, num_data_workers=2)
   from srvp_jax import data  # pylint: disable=import-outside-toplevel
   batches = lambda start: data.get_dataset(cfg).train_batches(16, seed=0, start_step=start)
@@ -242,7 +242,7 @@ def test_short_training_run_lowers_the_loss(tmp_path):
                            progress=False)
   with open(tmp_path / 'metrics.jsonl', encoding='utf-8') as f:
     losses = np.array([r['loss'] for r in map(json.loads, f) if 'loss' in r])
-  assert len(losses) == 61 and np.isfinite(losses).all()
+  assert len(losses) == 46 and np.isfinite(losses).all()  # Measured: late / early = 0.33 (0.24 after 61 steps).
   # The Gaussian NLL holds a constant (log obs_scale + log(2 pi) / 2 per pixel) no model can remove.
   floor = cfg.seq_len * 64 * 64 * (np.log(cfg.obs_scale) + 0.5 * np.log(2 * np.pi))
   early, late = np.mean(losses[:5]) - floor, np.mean(losses[-10:]) - floor
