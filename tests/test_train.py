@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from srvp_jax import config as config_lib
+from srvp_jax import sharding
 from srvp_jax import train
 from srvp_jax.train import runtime, validation
 from srvp_jax.train import loop as train_loop
@@ -22,8 +23,8 @@ from helpers import snapshot  # pylint: disable=wrong-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2,
-            seq_len=6, batch_size=8, lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2, log_interval=1,
-            n_samples_test=2, n_iter_test=1, batch_size_test=2, val_sample_chunk=2)
+            seq_len=6, batch_size=8, lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2,
+            log_interval=1, n_samples_test=2, n_iter_test=1, batch_size_test=2, val_sample_chunk=2)
 
 
 def tiny_config(**overrides):
@@ -78,29 +79,34 @@ def test_val_resample_draws_other_videos_and_noise_at_each_validation():
     config_lib.validate(dict(tiny_config(), val_resample=1))
 
 
+def dp_one_step():
+  """One SGD step of TINY on all the devices of this process (the batch sharded over them): the loss, the device
+  count, the parameter updates and the BatchNorm running statistics."""
+  cfg = tiny_config()
+  tx = optax.sgd(0.1)
+  graphdef, state = train_step.init_state(build_model(cfg, 0), tx)
+  init = jax.tree.leaves(jax.device_get(state.params))
+  mesh = sharding.make_mesh(cfg)
+  step = train_step.jit_train_step(train_step.make_train_step(graphdef, cfg, tx), mesh)
+  state = sharding.replicate(state, mesh)
+  x = np.random.default_rng(0).uniform(size=(8, 6, 64, 64, 1)).astype(np.float32)
+  state, m = step(state, sharding.shard_local_batch(x, mesh), jax.random.key(1))
+  updates = [np.asarray(a) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), init)]
+  stats = [np.asarray(a) for a in jax.tree.leaves(jax.device_get(state.batch_stats))
+           if np.asarray(a).dtype == np.float32]
+  return dict(loss=np.asarray(m['loss']), n_dev=jax.device_count(), **{f'update_{i}': a for i, a in enumerate(updates)},
+              **{f'stat_{i}': a for i, a in enumerate(stats)})
+
+
+# dp_one_step in a process with 4 forced host devices (XLA_FLAGS is read when JAX starts).
 _DP_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' + sys.argv[1]
-import jax, numpy as np, optax
-jax.config.update('jax_platforms', 'cpu')
-sys.path.insert(0, sys.argv[3])
-from srvp_jax import config as C, sharding
-from srvp_jax.model import build_model
-from srvp_jax.train import step as train_step
-cfg = C.default_config(); cfg.update(%s)
-tx = optax.sgd(0.1)
-graphdef, state = train_step.init_state(build_model(cfg, 0), tx)
-init = jax.tree.leaves(jax.device_get(state.params))
-mesh = sharding.make_mesh(cfg)
-step = train_step.jit_train_step(train_step.make_train_step(graphdef, cfg, tx), mesh)
-state = sharding.replicate(state, mesh)
-x = np.random.default_rng(0).uniform(size=(8, 6, 64, 64, 1)).astype(np.float32)
-state, m = step(state, sharding.shard_local_batch(x, mesh), jax.random.key(1))
-updates = [np.asarray(a) - b for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), init)]
-stats = [np.asarray(a) for a in jax.tree.leaves(jax.device_get(state.batch_stats)) if np.asarray(a).dtype == np.float32]
-np.savez(sys.argv[2], loss=np.asarray(m['loss']), n_dev=jax.device_count(),
-         **{f'update_{i}': a for i, a in enumerate(updates)}, **{f'stat_{i}': a for i, a in enumerate(stats)})
-''' % repr(TINY)
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], 'tests')]
+import numpy as np
+import test_train
+np.savez(sys.argv[1], **test_train.dp_one_step())
+'''
 
 
 def test_one_step_on_1_device_equals_4_devices(tmp_path):
@@ -109,20 +115,15 @@ def test_one_step_on_1_device_equals_4_devices(tmp_path):
   Updates are compared to the largest update: gradient sums are reduced in another order across
   devices, and with training-mode BatchNorm many gradient entries are near-zero sums of large
   terms: in float32 a different reduction order moves them by ~1e-3 of the largest update (the
-  same conditioning the official PyTorch code shows, see tests/test_parity.py).
+  same conditioning the official PyTorch code shows, see tests/test_parity.py). One device: this process.
   """
-  script = tmp_path / 'dp.py'
-  script.write_text(_DP_SCRIPT)
-  out = {}
-  for n in (1, 4):
-    path = tmp_path / f'dp{n}.npz'
-    subprocess.run([sys.executable, str(script), str(n), str(path), ROOT], check=True, capture_output=True,
-                   timeout=600)
-    out[n] = np.load(path)
+  path = tmp_path / 'dp4.npz'
+  subprocess.run([sys.executable, '-c', _DP_SCRIPT, str(path), ROOT], check=True, capture_output=True, timeout=600)
+  out = {1: dp_one_step(), 4: dict(np.load(path))}
   assert int(out[4]['n_dev']) == 4 and int(out[1]['n_dev']) == 1
   np.testing.assert_allclose(out[1]['loss'], out[4]['loss'], rtol=1e-6)
-  updates = [k for k in out[1].files if k.startswith('update_')]
-  stats = [k for k in out[1].files if k.startswith('stat_')]
+  updates = [k for k in out[1] if k.startswith('update_')]
+  stats = [k for k in out[1] if k.startswith('stat_')]
   assert len(updates) > 20 and len(stats) > 10
   scale = max(np.abs(out[1][k]).max() for k in updates)
   for k in updates:
