@@ -23,8 +23,8 @@ from helpers import snapshot  # pylint: disable=wrong-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2,
-            seq_len=6, batch_size=8, lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000, chkpt_interval=2,
-            log_interval=1, n_samples_test=2, n_iter_test=1, batch_size_test=2, val_sample_chunk=2)
+            seq_len=6, batch_size=8, lr_scheduling_burnin=4, lr_scheduling_n_iter=2, val_interval=1000,
+            chkpt_interval=2, log_interval=1, n_samples_test=2, n_iter_test=1, batch_size_test=2, val_sample_chunk=2)
 
 
 def tiny_config(**overrides):
