@@ -122,9 +122,17 @@ def all_finite(tree: Any) -> jax.Array:
 
   For the parameters and Adam's two moments that is ~12 bytes per parameter (0.3 GB for the paper's 24M
   parameter models): a fraction of a millisecond on a GPU, beside steps of tens to hundreds of milliseconds.
+  The per-leaf flags are combined by a dot product, not by ``all``: XLA rewrites an ``all`` over them into a
+  chain of scalar ANDs and copies that chain into every fusion that reads the result (one per state leaf), a
+  train step of 4x the instructions. A dot is never fused: the flag is computed once. Measured on 2 CPU
+  threads, paper configs: compilation 17.3 -> 9.2 s (Moving MNIST b16), 51.8 -> 18.3 s (BAIR b4); the step
+  time is the same (dot / all medians 0.95-1.02, interleaved in one process).
   """
   flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return jnp.stack(flags).all() if flags else jnp.array(True)
+  if not flags:
+    return jnp.array(True)
+  ones = jnp.stack(flags).astype(jnp.float32)  # 1.0 per finite leaf; the sum is exact (< 2**24 leaves).
+  return jnp.dot(ones, jnp.ones_like(ones), precision=jax.lax.Precision.HIGHEST) == len(flags)
 
 
 def make_lr(cfg: Mapping[str, Any]) -> Callable[[jax.Array], jax.Array]:
