@@ -89,7 +89,10 @@ class CheckpointWriteError(OSError):
 
 
 # What orbax's and TensorStore's asyncio leftovers raise after a failed read or write (``silence_async_noise``).
-_NOISY_LIBRARIES = tuple(os.sep + name + os.sep for name in ('orbax', 'tensorstore'))
+# Their code (JAX's array serialization included: orbax writes arrays through it), and orbax's temporary folder of a
+# step being written, which the reports of a failed write name (the failure itself reaches our code).
+_NOISY_LIBRARIES = tuple(os.sep + name + os.sep for name in ('orbax', 'tensorstore', 'array_serialization'))
+_NOISY_TEXT = (*_NOISY_LIBRARIES, '.orbax-checkpoint-tmp')
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -104,13 +107,16 @@ def _async_noise(unraisable: Any) -> bool:
   if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
     return True
   code = getattr(unraisable.object, 'cr_code', None)
-  return code is not None and any(name in code.co_filename for name in _NOISY_LIBRARIES)
+  if code is not None and any(name in code.co_filename for name in _NOISY_LIBRARIES):
+    return True
+  return any(text in str(exc) for text in _NOISY_TEXT)
 
 
 def _not_async_noise(record: logging.LogRecord) -> bool:
   """asyncio's logger filter: its reports on orbax's / TensorStore's tasks and futures ("Task exception was never
   retrieved": named in the message, or raised in their code) go, the others stay."""
-  if any(name in record.getMessage() for name in _NOISY_LIBRARIES):
+  exc = record.exc_info[1] if record.exc_info else None
+  if any(text in f'{record.getMessage()} {exc}' for text in _NOISY_TEXT):
     return False
   tb = record.exc_info[2] if record.exc_info else None
   while tb is not None:

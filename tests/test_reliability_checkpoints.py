@@ -210,8 +210,9 @@ def test_async_noise_filters_drop_only_orbax_leftovers(monkeypatch):
     pass
   orbax_coroutine = type('Coroutine', (), {'cr_code': type('Code', (), {'co_filename': '/x/orbax/checkpoint/a.py'})})()
   other = ours()
+  full = OSError(28, 'No space left on device', '/w/checkpoints/2.orbax-checkpoint-tmp/opt/d/1f')  # A write's error.
   for args in [(closed,), (ValueError('truncated'), orbax_coroutine), (ValueError('ours'), other),
-               (RuntimeError('another'),)]:
+               (RuntimeError('another'),), (full,)]:
     sys.unraisablehook(unraisable(*args))
   other.close()
   assert [str(u.exc_value) for u in seen] == ['ours', 'another']
@@ -220,6 +221,10 @@ def test_async_noise_filters_drop_only_orbax_leftovers(monkeypatch):
                                            f'retrieved\nfuture: <Task coro=<f() defined at {where}>>', None, None)
   assert not asyncio_logger.filter(record('/x/orbax/checkpoint/_src/serialization.py:188'))
   assert asyncio_logger.filter(record('/x/srvp_jax/data/stream.py:12'))
+  assert not asyncio_logger.filter(record('/x/jax/experimental/array_serialization/tensorstore_impl.py:358'))
+  failed_write = record('/x/srvp_jax/data/stream.py:12')
+  failed_write.exc_info = (OSError, full, None)
+  assert not asyncio_logger.filter(failed_write)
 
 
 # --------------------------------------------------------------------------------------------------
