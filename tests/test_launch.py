@@ -1,5 +1,5 @@
-"""launch.py as a user runs it: one line per bad input and an untouched workdir, a quiet console,
-SIGINT/SIGTERM saves, and two processes (jax.distributed on localhost) against one."""
+"""launch.py as a user runs it: one line per bad input and an untouched workdir, a quiet console and
+SIGINT/SIGTERM saves (two processes against one: tests/test_launch_distributed.py)."""
 
 import json
 import os
@@ -21,8 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The quick start, tiny: a few seconds per step on 2 CPU cores, mostly compilation.
 TINY_FLAGS = ['--config.nf=8', '--config.nhx=16', '--config.nlayers_inf=2', '--config.nlayers_res=2', '--config.ny=4',
               '--config.nz=4', '--config.nh_inf=16', '--config.nh_res=16', '--config.nt_inf=2', '--config.nt_cond=2',
-              '--config.seq_len=6',
-              '--config.batch_size=4', '--config.num_data_workers=1', '--config.n_samples_test=2',
+              '--config.seq_len=6', '--config.batch_size=4', '--config.num_data_workers=1', '--config.n_samples_test=2',
               '--config.val_sample_chunk=2', '--config.batch_size_test=2', '--config.n_iter_test=1',
               '--config.n_val_videos_gif=2']
 

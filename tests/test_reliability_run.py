@@ -217,7 +217,8 @@ def test_lost_process_of_a_multi_process_run_is_one_line(tmp_path):
   procs, started = [], threading.Event()
   for pid in range(2):
     env = dict(os.environ, JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid), XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=1')
+               JAX_PROCESS_ID=str(pid),
+               XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=1')
     procs.append(subprocess.Popen(launch_cmd(workdir, *LONG, '--config.distributed=True'), cwd=ROOT, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
   out0 = []

@@ -131,8 +131,8 @@ def all_finite(tree: Any) -> jax.Array:
   flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
   if not flags:
     return jnp.array(True)
-  ones = jnp.stack(flags).astype(jnp.float32)  # 1.0 per finite leaf; the sum is exact (< 2**24 leaves).
-  return jnp.dot(ones, jnp.ones_like(ones), precision=jax.lax.Precision.HIGHEST) == len(flags)
+  finite = jnp.stack(flags).astype(jnp.float32)  # 1.0 per finite leaf; the sum is exact (< 2**24 leaves).
+  return jnp.dot(finite, jnp.ones_like(finite), precision=jax.lax.Precision.HIGHEST) == len(flags)
 
 
 def make_lr(cfg: Mapping[str, Any]) -> Callable[[jax.Array], jax.Array]:
