@@ -101,11 +101,22 @@ def test_torch_ssim_matches_ours():
   np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)
 
 
-def test_cli_table_and_json(tmp_path):
+# The command's main (what ``python -m srvp_jax.benchmark`` runs, below for bad input and --help), then what the
+# process imported: the whole command, torch baselines and LPIPS included, runs without TensorFlow.
+_MAIN_WITHOUT_TENSORFLOW = (
+    'import sys\n'
+    'from srvp_jax import benchmark\n'
+    'status = benchmark.main(sys.argv[1:])\n'
+    'loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))\n'
+    'assert not loaded, loaded\n'
+    'sys.exit(status)\n')
+
+
+def test_cli_table_and_json_without_tensorflow(tmp_path):
   out = tmp_path / 'sub' / 'bench.json'
   res = run_cli(['--configs', 'smmnist', '--batch', str(BATCH), '--steps', '2', '--warmup', '1', '--torch',
                  '--eval', '--eval_videos', '2', '--eval_samples', '2', '--override', TINY_ARG, '--json', str(out)],
-                tmp_path)
+                tmp_path, script=_MAIN_WITHOUT_TENSORFLOW)
   assert res.returncode == 0, res.stderr[-3000:]
   assert 'train step' in res.stdout and 'eval psnr,ssim,lpips' in res.stdout and 'torch/ours' in res.stdout
   assert res.stdout.startswith('# cpu')
@@ -119,19 +130,6 @@ def test_cli_table_and_json(tmp_path):
   for r in (eval_row, lpips_row):
     assert positive_finite(r['frames_per_s']) and r['predicted_frames'] == 2 * 2 * (25 - 2)
   assert lpips_row['metrics'] == ['psnr', 'ssim', 'lpips'] and 'random AlexNet' in lpips_row['note']
-
-
-def test_runs_in_process_without_tensorflow(tmp_path):
-  script = ('import sys\n'
-            'from srvp_jax import benchmark\n'
-            'status = benchmark.main(sys.argv[1:])\n'
-            'loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))\n'
-            'assert not loaded, loaded\n'
-            'sys.exit(status)\n')
-  res = run_cli(['--configs', 'smmnist', '--batch', str(BATCH), '--steps', '1', '--warmup', '0', '--torch',
-                 '--override', TINY_ARG], tmp_path, script=script)
-  assert res.returncode == 0, res.stderr[-3000:]
-  assert 'train step' in res.stdout
 
 
 @pytest.mark.parametrize('args, expected', [

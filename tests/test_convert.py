@@ -137,12 +137,21 @@ def golden_official_config():
     return json.load(f)
 
 
-def test_cli_round_trip_on_official_checkpoint(tmp_path):
+def _main(capsys, *args):
+  """convert_torch_ckpt.py's main in this process (the process-level errors: run_cli, below) -> (status, stdout,
+  stderr)."""
+  rc = convert_torch_ckpt.main(list(args))
+  captured = capsys.readouterr()
+  return rc, captured.out, captured.err
+
+
+def test_cli_round_trip_on_official_checkpoint(tmp_path, capsys, monkeypatch):
   ref = golden_state_dict()
   n_params = sum(v.size for k, v in ref.items() if not k.split('.')[-1].startswith(('running', 'num_batches')))
   ours_dir, back_dir = str(tmp_path / 'ours'), str(tmp_path / 'back')
 
-  rc, out, err = run_cli('tests/data/golden/dcgan', '--out', ours_dir)
+  monkeypatch.chdir(ROOT)
+  rc, out, err = _main(capsys, 'tests/data/golden/dcgan', '--out', ours_dir)
   assert rc == 0, err
   lines = out.strip().splitlines()
   assert len(lines) == 1 and f'{n_params:,} parameters' in lines[0] and 'dcgan' in lines[0] and ours_dir in lines[0]
@@ -157,7 +166,7 @@ def test_cli_round_trip_on_official_checkpoint(tmp_path):
   official = golden_official_config()
   assert all(cfg[k] == official[k] for k in config_lib.MODEL_KEYS + ('n_euler_steps', 'obs_scale', 'beta_z'))
 
-  rc, out, err = run_cli(ours_dir, '--to_torch', '--out', back_dir)
+  rc, out, err = _main(capsys, ours_dir, '--to_torch', '--out', back_dir)
   assert rc == 0, err
   assert len(out.strip().splitlines()) == 1 and os.path.join(back_dir, 'model.pt') in out
   raw = torch.load(os.path.join(back_dir, 'model.pt'), map_location='cpu', weights_only=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srvp_jax import config
+from srvp_jax import config, evaluate
 from srvp_jax.data import get_dataset, pipeline, store
 from srvp_jax.preparation import bair, cli, human, kth, store_writer
 
@@ -417,7 +417,7 @@ TINY = dict(archi='dcgan', skipco=False, nf=8, nhx=16, ny=4, nz=4, nh_inf=16, nh
             n_samples_test=2, val_sample_chunk=2, log_interval=1, num_data_workers=1)
 
 
-def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path):
+def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path, capsys):
   data_dir = _copy_layout(kth_png, tmp_path / 'kth')
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   run = lambda argv: subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -435,15 +435,16 @@ def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path):
   res = run(['-m', 'srvp_jax.data', 'make_test_set', 'kth', '--data_dir', data_dir, '--size', '4', '--seq_len', '5'])
   assert res.returncode == 0, res.stderr
   out = str(tmp_path / 'eval')
-  res = run(['-m', 'srvp_jax.evaluate', workdir, '--data_dir', data_dir, '--metrics', 'psnr,ssim', '--nt_gen', '5',
-             '--n_samples', '2', '--out', out, '--no_progress'])
-  assert res.returncode == 0, res.stderr[-3000:]
+  # evaluate's main in this process (its command line and process-level errors: test_evaluate.py).
+  assert evaluate.main([workdir, '--data_dir', data_dir, '--metrics', 'psnr,ssim', '--nt_gen', '5', '--n_samples', '2',
+                        '--out', out, '--no_progress']) == 0, capsys.readouterr().err
   with open(os.path.join(out, 'results.json'), encoding='utf-8') as f:
     report = json.load(f)
   assert report['config']['dataset'] == 'kth' and report['options']['nt_gen'] == 5
-  res = run(['-m', 'srvp_jax.evaluate', workdir, '--data_dir', data_dir, '--metrics', 'psnr', '--nt_gen', '6',
-             '--out', out])
-  assert res.returncode == 2 and 'make_test_set kth --data_dir' in res.stderr and '--seq_len 6' in res.stderr
+  capsys.readouterr()
+  assert evaluate.main([workdir, '--data_dir', data_dir, '--metrics', 'psnr', '--nt_gen', '6', '--out', out]) == 2
+  err = capsys.readouterr().err
+  assert 'make_test_set kth --data_dir' in err and '--seq_len 6' in err
   shard = os.path.join(data_dir, 'store', 'train', 'frames_0000.npy')
   with open(shard, 'r+b') as f:
     f.truncate(os.path.getsize(shard) // 2)

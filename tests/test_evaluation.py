@@ -8,11 +8,13 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from srvp_jax import config as config_lib
 from srvp_jax import evaluate, evaluation, sharding
 from srvp_jax.evaluation import report, sampling
 from srvp_jax.model import build_model
+from srvp_jax.train import validation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
@@ -90,7 +92,6 @@ def test_compare_intervals():
 
 def test_chunk_size_from_the_compiled_programs_memory_analysis():
   model, cfg = _tiny_model()
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
   protocol = sampling.Protocol(nt_cond=2, nt_pred=3, n_euler_steps=1, cond_euler_steps=1, metrics=('psnr',))
   scorer = sampling.BestOfN(graphdef, protocol)
@@ -115,7 +116,6 @@ def test_validation_and_evaluation_share_the_core():
   """Validation's best-of-N (select on all frames) and the test protocol's (select on predicted frames) agree
   with a direct computation from the same per-sample predictions."""
   model, _ = _tiny_model()
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
   x = np.random.default_rng(1).uniform(size=(3, 6, 64, 64, 1)).astype(np.float32)
   key = jax.random.key(4)
@@ -132,38 +132,37 @@ def test_validation_and_evaluation_share_the_core():
   np.testing.assert_allclose(res['selection']['psnr']['best_value'], pred_score.max(0), rtol=1e-5)
 
 
+def dp_validation_psnr():
+  """The validation PSNR of 6 videos on all the devices of this process (padded to a multiple of them): the PSNR,
+  the device count and the number of devices the result is sharded over."""
+  cfg = config_lib.with_overrides(**TINY, val_sample_chunk=2)
+  model = build_model(cfg, 0)
+  graphdef, params, stats = nnx.split(model, nnx.Param, ...)
+  mesh = sharding.make_mesh(cfg)
+  params, stats = sharding.replicate((params, stats), mesh)
+  x = np.random.default_rng(0).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)
+  psnr = validation.make_batch_psnr(graphdef, cfg, 3, mesh)(params, stats, x, jax.random.key(1))
+  return dict(psnr=np.asarray(psnr), n_dev=jax.device_count(), n_shards=len(psnr.sharding.device_set))
+
+
+# dp_validation_psnr in a process with 4 forced host devices (XLA_FLAGS is read when JAX starts).
 _VAL_DP_SCRIPT = r'''
 import os, sys
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' + sys.argv[1]
-import jax, numpy as np
-jax.config.update('jax_platforms', 'cpu')
-sys.path.insert(0, sys.argv[3])
-from flax import nnx
-from srvp_jax import config as C, sharding
-from srvp_jax.model import build_model
-from srvp_jax.train import validation
-cfg = C.with_overrides(**%s, val_sample_chunk=2)
-model = build_model(cfg, 0)
-graphdef, params, stats = nnx.split(model, nnx.Param, ...)
-mesh = sharding.make_mesh(cfg)
-params, stats = sharding.replicate((params, stats), mesh)
-x = np.random.default_rng(0).uniform(size=(6, 6, 64, 64, 1)).astype(np.float32)
-psnr = validation.make_batch_psnr(graphdef, cfg, 3, mesh)(params, stats, x, jax.random.key(1))
-np.savez(sys.argv[2], psnr=np.asarray(psnr), n_dev=jax.device_count(), n_shards=len(psnr.sharding.device_set))
-''' % repr(TINY)
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], 'tests')]
+import numpy as np
+import test_evaluation
+np.savez(sys.argv[1], **test_evaluation.dp_validation_psnr())
+'''
 
 
 def test_validation_is_data_parallel_and_equal_on_1_and_4_devices(tmp_path):
-  """6 videos on 4 devices (padded to 8): sharded over the mesh, same PSNR as on one device."""
-  script = tmp_path / 'val.py'
-  script.write_text(_VAL_DP_SCRIPT)
-  out = {}
-  for n in (1, 4):
-    path = tmp_path / f'val{n}.npz'
-    subprocess.run([sys.executable, str(script), str(n), str(path), ROOT], check=True, capture_output=True,
-                   timeout=600)
-    out[n] = np.load(path)
-  assert int(out[4]['n_dev']) == 4 and int(out[4]['n_shards']) == 4
+  """6 videos on 4 devices (padded to 8): sharded over the mesh, same PSNR as on one device (this process)."""
+  path = tmp_path / 'val4.npz'
+  subprocess.run([sys.executable, '-c', _VAL_DP_SCRIPT, str(path), ROOT], check=True, capture_output=True,
+                 timeout=600)
+  out = {1: dp_validation_psnr(), 4: dict(np.load(path))}
+  assert int(out[4]['n_dev']) == 4 and int(out[4]['n_shards']) == 4 and int(out[1]['n_dev']) == 1
   assert out[1]['psnr'].shape == (6,)
   np.testing.assert_allclose(out[1]['psnr'], out[4]['psnr'], rtol=1e-5)
 

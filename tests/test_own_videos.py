@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from srvp_jax import clips
+from srvp_jax import clips, evaluate, predict
 from srvp_jax import config as config_lib
 from srvp_jax.data import get_dataset, store
 from srvp_jax.preparation import cli
@@ -296,16 +296,15 @@ def test_make_test_set_draws(own, capsys):
 
 
 def test_train_evaluate_predict(own, tmp_path, capsys):
-  """launch.py (2 steps, nc from the store) -> make_test_set -> evaluate -> predict future, as for every dataset."""
+  """make_test_set -> launch.py (2 steps, nc from the store) -> evaluate -> predict future, as for every dataset."""
   root, _, _ = own
   assert data_cli(capsys, 'make_test_set', 'videos', '--data_dir', root, '--size', str(TEST['size']), '--seq_len',
                   str(TEST['seq_len']))[0] == 0
   workdir, out = str(tmp_path / 'run'), str(tmp_path / 'eval')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  run = lambda argv: subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                                    timeout=600, check=False)
-  res = run(['launch.py', '--config', 'configs/videos.py', '--workdir', workdir, f'--config.data_dir={root}'] +
-            [f'--config.{k}={v}' for k, v in TINY.items()])
+  res = subprocess.run([sys.executable, 'launch.py', '--config', 'configs/videos.py', '--workdir', workdir,
+                        f'--config.data_dir={root}'] + [f'--config.{k}={v}' for k, v in TINY.items()], cwd=ROOT,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=600,
+                       check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   with open(os.path.join(workdir, 'config.json'), encoding='utf-8') as f:
     assert json.load(f)['nc'] == 3  # nc=0: the store's.
@@ -313,16 +312,17 @@ def test_train_evaluate_predict(own, tmp_path, capsys):
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2]
   assert all(math.isfinite(r['loss']) for r in records if 'loss' in r)
-  res = run(['-m', 'srvp_jax.evaluate', workdir, '--data_dir', root, '--metrics', 'psnr,ssim', '--n_samples', '2',
-             '--nt_gen', str(TEST['seq_len']), '--n_show', '0', '--out', out, '--no_progress'])
-  assert res.returncode == 0, res.stderr[-3000:]
+  # evaluate and predict: their mains in this process (their command lines and process-level errors are tested in
+  # test_evaluate.py and test_predict.py).
+  code = evaluate.main([workdir, '--data_dir', root, '--metrics', 'psnr,ssim', '--n_samples', '2', '--nt_gen',
+                        str(TEST['seq_len']), '--n_show', '0', '--out', out, '--no_progress'])
+  assert code == 0, capsys.readouterr().err
   with open(os.path.join(out, 'results.json'), encoding='utf-8') as f:
     report = json.load(f)
   assert report['config']['dataset'] == 'videos' and report['n_videos'] == TEST['size']
   assert math.isfinite(report['metrics']['psnr']['mean'])
-  res = run(['-m', 'srvp_jax.predict', 'future', workdir, '--input', os.path.join(root, 'raw', 'more', 'b.mp4'),
-             '--n_future', '3', '--n_samples', '2', '--out', str(tmp_path / 'pred')])
-  assert res.returncode == 0, res.stderr[-3000:]
+  assert predict.main(['future', workdir, '--input', os.path.join(root, 'raw', 'more', 'b.mp4'), '--n_future', '3',
+                       '--n_samples', '2', '--out', str(tmp_path / 'pred')]) == 0, capsys.readouterr().err
   with np.load(tmp_path / 'pred' / 'future.npz') as f:
     assert all(np.all(np.isfinite(f[k])) for k in f.files if f[k].dtype.kind == 'f')
 
