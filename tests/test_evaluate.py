@@ -284,14 +284,15 @@ def test_results_do_not_depend_on_chunk_or_batch_size(tiny_eval, tiny_ckpt, mmni
   np.testing.assert_array_equal(res['best']['psnr'], _samples(tiny_eval, 'psnr_best'))
 
 
-def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir):
-  """A run stopped before its first validation has latest checkpoints only: --checkpoint best says so."""
+def test_missing_best_names_the_checkpoints_that_exist(tmp_path, mmnist_dir, capsys):
+  """A run stopped before its first validation has latest checkpoints only: --checkpoint best says so (the main in
+  this process; the process-level error: test_command_line_error_exit_status)."""
   workdir = str(tmp_path / 'run')
   write_checkpoint_folder(workdir, tiny_config(), steps=(2,))
-  proc = subprocess.run([sys.executable, '-m', 'srvp_jax.evaluate', workdir, '--data_dir', mmnist_dir, '--checkpoint',
-                         'best'], capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
-  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
-  last = proc.stderr.strip().splitlines()[-1]
+  code = evaluate.main([workdir, '--data_dir', mmnist_dir, '--checkpoint', 'best'])
+  stderr = capsys.readouterr().err
+  assert code == 2 and 'Traceback' not in stderr, stderr
+  last = stderr.strip().splitlines()[-1]
   assert 'no validated checkpoint' in last and '[2]' in last and '--checkpoint latest' in last, last
 
 

@@ -72,6 +72,21 @@ def _hash(path):
     return hashlib.sha256(f.read()).hexdigest()
 
 
+def _wait_stopped(pid, timeout=60):
+  """Waits until every thread of ``pid`` is stopped (SIGSTOP is delivered asynchronously, thread by thread)."""
+
+  def stopped(tid):
+    try:
+      return psutil.Process(tid).status() == psutil.STATUS_STOPPED
+    except psutil.NoSuchProcess:  # A thread that ended meanwhile.
+      return True
+
+  end = time.time() + timeout
+  while not all(stopped(t.id) for t in psutil.Process(pid).threads()):
+    assert time.time() < end, f'process {pid} did not stop'
+    time.sleep(0.01)
+
+
 @pytest.fixture(scope='module')
 def killed_run(tmp_path_factory):
   """launch.py trains (run A); a second copy started while A runs (A paused) is refused; then A is killed -9."""
@@ -80,6 +95,7 @@ def killed_run(tmp_path_factory):
   run.wait_for(lambda: _losses(workdir) >= 3 and os.path.isdir(workdir / 'checkpoints' / '2'))
   run.proc.send_signal(signal.SIGSTOP)
   try:
+    _wait_stopped(run.proc.pid)  # A write of A's in flight when the signal came lands before the snapshot.
     before = snapshot(workdir)
     second = subprocess.run(launch_cmd(workdir, *LONG), cwd=ROOT, capture_output=True, text=True, timeout=300,
                             check=False)
