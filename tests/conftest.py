@@ -11,10 +11,12 @@ os.environ['JAX_PLATFORMS'] = 'cpu'  # Before JAX is imported: tests are CPU flo
 # HLO passes still run; the float semantics are the same) and XLA's older elemental fusion emitters instead of its
 # MLIR ones compile them in about half the time (a tiny train step: 17.2 s -> 11.4 s -> 7.8 s of CPU). The deviceless
 # GPU compiles (test_gpu_check.py) spend most of their time in ptxas, once per kernel: at -O0 (the HLO, the memory
-# analysis and the kernel census the tests check do not depend on it) the file takes 15% less CPU. Processes the tests
-# start inherit these flags (their scripts append to XLA_FLAGS, never replace it).
+# analysis and the kernel census the tests check do not depend on it) the file takes 15% less CPU. LLVM code generation
+# in one piece instead of 32 parallel ones: both cores are busy with the two test processes, and splitting costs
+# 15-20% more CPU (a tiny train step: 2.5-3.0 s -> 2.0-2.4 s). Processes the tests start inherit these flags (their
+# scripts append to XLA_FLAGS, never replace it).
 _FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false',
-                 '--xla_gpu_disable_gpuasm_optimizations=true')
+                 '--xla_cpu_parallel_codegen_split_count=1', '--xla_gpu_disable_gpuasm_optimizations=true')
 for _flag in _FAST_COMPILE:
   if _flag not in os.environ.get('XLA_FLAGS', ''):
     os.environ['XLA_FLAGS'] = ' '.join(filter(None, [os.environ.get('XLA_FLAGS'), _flag]))
