@@ -1,14 +1,18 @@
 """Helpers shared by the tests: random model variables without compiling an initialisation, workdir snapshots,
-a free port."""
+a free port, a test function run on 4 host devices."""
 
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 
 from srvp_jax import checkpoints
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def random_tree(model, seed, bias_scale=0.1):
@@ -47,3 +51,23 @@ def free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
+
+
+# Runs tests/<module>.py's <function>() and saves the arrays it returns, with 4 forced host devices (XLA_FLAGS is read
+# when JAX starts, hence a process of its own).
+_FOUR_DEVICES = r'''
+import importlib, os, sys
+os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
+module, function, root, path = sys.argv[1:]
+sys.path[:0] = [root, os.path.join(root, 'tests')]
+import numpy as np
+np.savez(path, **getattr(importlib.import_module(module), function)())
+'''
+
+
+def on_four_devices(module, function, tmp_path):
+  """``function()`` of the test module ``module`` (a dict of arrays) computed in a process with 4 host devices."""
+  path = tmp_path / f'{function}_4_devices.npz'
+  subprocess.run([sys.executable, '-c', _FOUR_DEVICES, module, function, ROOT, str(path)], check=True,
+                 capture_output=True, timeout=600)
+  return dict(np.load(path))

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -20,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 from test_evaluate import (TINY, _one_error_line, mmnist_dir, tiny_ckpt,  # noqa: E402,F401 pylint: disable=wrong-import-position,unused-import
                            write_checkpoint_folder)
+from helpers import on_four_devices  # noqa: E402 pylint: disable=wrong-import-position,wrong-import-order
 
 
 def _tiny_model(seed=0, **overrides):
@@ -145,23 +145,9 @@ def dp_validation_psnr():
   return dict(psnr=np.asarray(psnr), n_dev=jax.device_count(), n_shards=len(psnr.sharding.device_set))
 
 
-# dp_validation_psnr in a process with 4 forced host devices (XLA_FLAGS is read when JAX starts).
-_VAL_DP_SCRIPT = r'''
-import os, sys
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
-sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], 'tests')]
-import numpy as np
-import test_evaluation
-np.savez(sys.argv[1], **test_evaluation.dp_validation_psnr())
-'''
-
-
 def test_validation_is_data_parallel_and_equal_on_1_and_4_devices(tmp_path):
   """6 videos on 4 devices (padded to 8): sharded over the mesh, same PSNR as on one device (this process)."""
-  path = tmp_path / 'val4.npz'
-  subprocess.run([sys.executable, '-c', _VAL_DP_SCRIPT, str(path), ROOT], check=True, capture_output=True,
-                 timeout=600)
-  out = {1: dp_validation_psnr(), 4: dict(np.load(path))}
+  out = {1: dp_validation_psnr(), 4: on_four_devices('test_evaluation', 'dp_validation_psnr', tmp_path)}
   assert int(out[4]['n_dev']) == 4 and int(out[4]['n_shards']) == 4 and int(out[1]['n_dev']) == 1
   assert out[1]['psnr'].shape == (6,)
   np.testing.assert_allclose(out[1]['psnr'], out[4]['psnr'], rtol=1e-5)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,7 +17,7 @@ from srvp_jax.train import loop as train_loop
 from srvp_jax.train import step as train_step
 from srvp_jax.model import build_model
 
-from helpers import snapshot  # pylint: disable=wrong-import-order
+from helpers import on_four_devices, snapshot  # pylint: disable=wrong-import-order
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, nt_inf=2, nt_cond=2,
@@ -98,17 +96,6 @@ def dp_one_step():
               **{f'stat_{i}': a for i, a in enumerate(stats)})
 
 
-# dp_one_step in a process with 4 forced host devices (XLA_FLAGS is read when JAX starts).
-_DP_SCRIPT = r'''
-import os, sys
-os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=4'
-sys.path[:0] = [sys.argv[2], os.path.join(sys.argv[2], 'tests')]
-import numpy as np
-import test_train
-np.savez(sys.argv[1], **test_train.dp_one_step())
-'''
-
-
 def test_one_step_on_1_device_equals_4_devices(tmp_path):
   """Same global batch, same noise: loss, SGD updates and BatchNorm running statistics agree.
 
@@ -117,9 +104,7 @@ def test_one_step_on_1_device_equals_4_devices(tmp_path):
   terms: in float32 a different reduction order moves them by ~1e-3 of the largest update (the
   same conditioning the official PyTorch code shows, see tests/test_parity.py). One device: this process.
   """
-  path = tmp_path / 'dp4.npz'
-  subprocess.run([sys.executable, '-c', _DP_SCRIPT, str(path), ROOT], check=True, capture_output=True, timeout=600)
-  out = {1: dp_one_step(), 4: dict(np.load(path))}
+  out = {1: dp_one_step(), 4: on_four_devices('test_train', 'dp_one_step', tmp_path)}
   assert int(out[4]['n_dev']) == 4 and int(out[1]['n_dev']) == 1
   np.testing.assert_allclose(out[1]['loss'], out[4]['loss'], rtol=1e-6)
   updates = [k for k in out[1] if k.startswith('update_')]
