@@ -55,7 +55,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from srvp_jax import config as config_lib
 from srvp_jax import convert
-from srvp_jax.model import build_model
+from srvp_jax.model import abstract_model, build_model
 
 CONFIG_FILE = 'srvp_config.json'
 OFFICIAL_CONFIG_FILE = 'config.json'
@@ -593,7 +593,7 @@ class RunFolder:
     if compute_dtype is not None:
       cfg.compute_dtype = compute_dtype
     sub, step = self.resolve(which)
-    model = nnx.eval_shape(lambda: build_model(cfg))
+    model = abstract_model(cfg)
     host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     tree, _, _ = self.restore(step, abstract(model_tree(model), host), sub=sub)
     set_model_tree(model, tree)

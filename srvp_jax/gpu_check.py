@@ -44,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from srvp_jax import config as config_lib
 from srvp_jax.evaluation import sampling
-from srvp_jax.model import backend, build_model
+from srvp_jax.model import abstract_model, backend
 from srvp_jax.train import step as train
 
 TARGET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gpu_targets')
@@ -272,9 +272,7 @@ def _scan_unroll(cfg: Mapping[str, Any]) -> int | bool:
 
 def _abstract_model(cfg: Mapping[str, Any]):
   """The model's graphdef and abstract (shape-only) parameters and other variables: nothing is initialised."""
-
-  model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0, impl='rbg')))
-  return nnx.split(model, nnx.Param, ...)
+  return nnx.split(abstract_model(cfg), nnx.Param, ...)
 
 
 def check_train(cfg: Mapping[str, Any], target: str = 'h100', label: str | None = None) -> ProgramReport:

@@ -422,8 +422,8 @@ def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path, capsys):
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   run = lambda argv: subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
                                     timeout=300)
-  res = run(['-m', 'srvp_jax.data', 'prepare', 'kth', '--data_dir', data_dir, '--no_progress'])
-  assert res.returncode == 0, res.stderr
+  # The data CLI's main in this process (its process-level behaviour: test_reliability_tools.py).
+  assert cli.main(['prepare', 'kth', '--data_dir', data_dir, '--no_progress']) == 0, capsys.readouterr().err
   workdir = str(tmp_path / 'run')
   overrides = [f'--config.{k}={v}' for k, v in TINY.items()] + [f'--config.data_dir={data_dir}']
   res = run(['launch.py', '--config', 'configs/kth.py', '--workdir', workdir] + overrides)
@@ -432,8 +432,8 @@ def test_end_to_end_prepare_train_evaluate(kth_png, tmp_path, capsys):
   with open(os.path.join(workdir, 'metrics.jsonl'), encoding='utf-8') as f:
     records = [json.loads(line) for line in f]
   assert [r['step'] for r in records if 'loss' in r] == [1, 2] and any('val_psnr' in r for r in records)
-  res = run(['-m', 'srvp_jax.data', 'make_test_set', 'kth', '--data_dir', data_dir, '--size', '4', '--seq_len', '5'])
-  assert res.returncode == 0, res.stderr
+  assert cli.main(['make_test_set', 'kth', '--data_dir', data_dir, '--size', '4', '--seq_len', '5']) == 0, \
+      capsys.readouterr().err
   out = str(tmp_path / 'eval')
   # evaluate's main in this process (its command line and process-level errors: test_evaluate.py).
   assert evaluate.main([workdir, '--data_dir', data_dir, '--metrics', 'psnr,ssim', '--nt_gen', '5', '--n_samples', '2',

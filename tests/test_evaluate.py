@@ -11,11 +11,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 
 from srvp_jax import checkpoints, evaluate, evaluation
@@ -25,7 +23,7 @@ from srvp_jax.data import mmnist
 from srvp_jax.preparation import cli as data_cli
 from srvp_jax.preparation import mmnist as mmnist_prep
 from srvp_jax.metrics import image
-from srvp_jax.model import build_model
+from srvp_jax.model import abstract_model
 
 from helpers import random_tree  # pylint: disable=wrong-import-order
 
@@ -46,7 +44,7 @@ def write_checkpoint_folder(workdir, cfg, steps=(0,), best_steps=(), seed=0):
   ``best_steps`` carry a validation PSNR (the best-checkpoint policy ranks them) and ``steps`` do not."""
   folder = checkpoints.RunFolder(workdir, keep=None)
   folder.save_config(cfg)
-  model = nnx.eval_shape(lambda: build_model(cfg))
+  model = abstract_model(cfg)
   folder.create()
   trees = {}
   for step in sorted(set(steps) | set(best_steps)):

@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from srvp_jax import benchmark, cli, config as config_lib, gpu_check
-from srvp_jax.model import backend, build_model, layers
+from srvp_jax.model import abstract_model, backend, layers
 
 TINY = dict(nf=8, nhx=16, nlayers_inf=2, nlayers_res=2, ny=4, nz=4, nh_inf=16, nh_res=16, seq_len=6, nt_cond=2,
             nt_inf=2, batch_size_test=2, val_sample_chunk=3, test_n_samples=4, test_nt_gen=6)
@@ -96,7 +96,7 @@ def test_scans_are_rolled_on_cpus_and_unrolled_for_gpus():
     with pytest.raises(config_lib.ConfigError, match='scan_unroll='):
       config_lib.with_overrides(scan_unroll=bad)
 
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(_tiny())))
+  graphdef, state = nnx.split(abstract_model(_tiny()))
   args = (state, jnp.ones((2, 4)), jnp.ones((2, 5, 4)), jnp.ones((2, 6, 16)))
 
   def scans():  # (unroll, length) of the frame scan (5 frames), its Euler scan (2 steps) and the LSTM (6 frames).
@@ -208,18 +208,21 @@ def test_cli_prints_the_table_and_reports_a_program_that_would_not_fit(tmp_path,
   out = tmp_path / 'gpu.json'
   argv = ['--target', 'h100', '--programs', 'val', '--configs', 'smmnist', '--batch', '4', '--override',
           ','.join(f'{k}={v}' for k, v in TINY.items()), '--json', str(out)]
+  real, reports = gpu_check.CHECKS['val'], []
+  monkeypatch.setitem(gpu_check.CHECKS, 'val', lambda *a, **k: reports.append(real(*a, **k)) or reports[-1])
   assert benchmark.main(argv) == 0
   captured = capsys.readouterr()
   assert 'deviceless compile for h100' in captured.out and 'smmnist ' in captured.out and 'error' not in captured.err
   (row,) = json.loads(out.read_text())['rows']
   assert row['program'] == 'val' and row['fits'] and row['census']['xla_convs'] == 0 and row['scan_unroll'] is True
 
-  real = gpu_check.CHECKS['val']
+  (compiled,) = reports
 
-  def too_big(cfg, target, label=None):
-    report = real(cfg, target, label)
-    report.temp_bytes = report.device_bytes  # As a batch whose activations exceed the device would.
-    return report
+  def too_big(cfg, target, label=None):  # The program compiled above (the same command), made too big.
+    del cfg
+    assert (target, label) == ('h100', compiled.config)
+    compiled.temp_bytes = compiled.device_bytes  # As a batch whose activations exceed the device would.
+    return compiled
 
   monkeypatch.setitem(gpu_check.CHECKS, 'val', too_big)
   assert benchmark.main(argv) == 1

@@ -81,13 +81,12 @@ def _quickstart_config(**overrides):
 
 def test_relaunch_contradicting_the_checkpoints_is_refused_untouched(tmp_path):
   """A run made with nf=16, relaunched with --config.nf=8: one line naming nf, nothing written."""
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  from srvp_jax.model import build_model  # pylint: disable=import-outside-toplevel
+  from srvp_jax.model import abstract_model  # pylint: disable=import-outside-toplevel
   workdir = str(tmp_path / 'run')
   cfg = _quickstart_config()
   folder = checkpoints.RunFolder(workdir)
   folder.save_config(cfg)
-  model = nnx.eval_shape(lambda: build_model(cfg))
+  model = abstract_model(cfg)
   zeros = __import__('jax').tree.map(lambda v: np.zeros(v.shape, v.dtype), checkpoints.model_tree(model))
   folder.create()
   folder.save(10, zeros, {'step': 10})

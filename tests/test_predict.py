@@ -15,7 +15,7 @@ from PIL import Image, ImageSequence
 
 from srvp_jax import checkpoints, clips, predict
 from srvp_jax import config as config_lib
-from srvp_jax.model import build_model
+from srvp_jax.model import abstract_model
 
 from helpers import random_tree  # pylint: disable=wrong-import-order
 
@@ -38,7 +38,7 @@ def ckpt(tmp_path_factory):
   cfg = config_lib.with_overrides(**TINY)
   folder = checkpoints.RunFolder(workdir)
   folder.save_config(cfg)
-  folder.save(7, random_tree(nnx.eval_shape(lambda: build_model(cfg)), 0, bias_scale=0.3), meta={'step': 7})
+  folder.save(7, random_tree(abstract_model(cfg), 0, bias_scale=0.3), meta={'step': 7})
   folder.close()
   return workdir
 

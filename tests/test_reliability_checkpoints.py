@@ -15,7 +15,7 @@ from flax import nnx
 
 from srvp_jax import checkpoints
 from srvp_jax import train
-from srvp_jax.model import build_model
+from srvp_jax.model import abstract_model
 from srvp_jax.train import step as step_lib
 
 from helpers import random_tree  # pylint: disable=wrong-import-order
@@ -32,7 +32,7 @@ def test_non_finite_update_is_never_saved_nor_called_good(tmp_path):
   restores finite. (tiny_config(): the train step of test_train.py, compiled once for both.)"""
   workdir = str(tmp_path / 'run')
   cfg = tiny_config(chkpt_interval=1)
-  model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0)))
+  model = abstract_model(cfg)
   checkpoints.set_model_tree(model, random_tree(model, 0))
   _, params, _ = nnx.split(model, nnx.Param, ...)
   negative_nu = lambda path, x: -np.ones_like(x) if any(getattr(k, 'name', None) == 'nu' for k in path) else x
@@ -292,8 +292,8 @@ def test_disk_full_during_a_checkpoint_write_is_one_line(tmp_path):
   folder = checkpoints.RunFolder(str(copy))
   assert folder.steps() == [1]
   cfg = folder.load_config()  # The rerun's resume: step 1, nothing skipped.
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(0)))
-  _, params, _ = nnx.split(abstract_model, nnx.Param, ...)
-  start = folder.resume(cfg, checkpoints.abstract(checkpoints.model_tree(abstract_model), HOST),
+  structure = abstract_model(cfg)
+  _, params, _ = nnx.split(structure, nnx.Param, ...)
+  start = folder.resume(cfg, checkpoints.abstract(checkpoints.model_tree(structure), HOST),
                         checkpoints.abstract(jax.eval_shape(step_lib.make_optimizer(cfg).init, params), HOST))
   assert start.step == 1 and not start.skipped

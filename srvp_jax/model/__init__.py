@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +12,8 @@ from srvp_jax import config as config_lib
 from srvp_jax.model.srvp import (SRVP, Conditioning, Latents, PredNoise, Prediction, TrainNoise, gaussian, param_count,
                                   rsample)
 
-__all__ = ['SRVP', 'Conditioning', 'Latents', 'PredNoise', 'Prediction', 'TrainNoise', 'build_model', 'gaussian',
-           'param_count', 'rsample', 'COMPUTE_DTYPES', 'PARAM_DTYPES']
+__all__ = ['SRVP', 'Conditioning', 'Latents', 'PredNoise', 'Prediction', 'TrainNoise', 'abstract_model', 'build_model',
+           'gaussian', 'param_count', 'rsample', 'COMPUTE_DTYPES', 'PARAM_DTYPES']
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 PARAM_DTYPES = {'float32': jnp.float32, 'float64': jnp.float64}
@@ -39,6 +39,24 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
   replay of ``srvp_jax.parity``) needs ``jax_enable_x64``.
   """
   key = init_key(key)
+  make = _constructor(cfg)
+  # One compiled initialiser: eager construction compiles each layer's initialiser separately,
+  # which takes over a minute on a CPU.
+  graphdef, _ = nnx.split(abstract_model(cfg))
+  return nnx.merge(graphdef, jax.jit(lambda k: nnx.state(make(k)))(key))
+
+
+def abstract_model(cfg: Mapping[str, Any]) -> SRVP:
+  """The model of ``build_model(cfg)`` without values (every variable a ``jax.ShapeDtypeStruct``): what
+  restoring a checkpoint into it, or compiling for it, needs. The construction is traced once, nothing runs
+  (``nnx.eval_shape`` of ``build_model`` traces it twice: half the time).
+  """
+  make = _constructor(cfg)
+  return nnx.eval_shape(lambda: make(jax.random.key(0)))
+
+
+def _constructor(cfg: Mapping[str, Any]) -> Callable[[jax.Array], SRVP]:
+  """key -> the SRVP of ``cfg`` initialised from ``key``."""
   dtype = COMPUTE_DTYPES[cfg.get('compute_dtype', 'float32')]
   param_dtype = PARAM_DTYPES[cfg.get('param_dtype', 'float32')]
   if param_dtype == jnp.float64:
@@ -49,8 +67,4 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
   kwargs = dict(config_lib.model_kwargs(cfg), res_gain=float(cfg.get('res_gain', 1.41)), dtype=dtype,
                 param_dtype=param_dtype, precision=str(cfg.get('precision', 'float32')),
                 scan_unroll=cfg.get('scan_unroll', 0) or None)  # 0: the target platform's.
-  make = lambda k: SRVP(**kwargs, rngs=nnx.Rngs(params=k))
-  # One compiled initialiser: eager construction compiles each layer's initialiser separately,
-  # which takes over a minute on a CPU.
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: make(jax.random.key(0))))
-  return nnx.merge(graphdef, jax.jit(lambda k: nnx.state(make(k)))(key))
+  return lambda k: SRVP(**kwargs, rngs=nnx.Rngs(params=k))

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from srvp_jax import checkpoints, data, sharding
-from srvp_jax.model import build_model
+from srvp_jax.model import abstract_model, build_model
 from srvp_jax.train import step as step_lib
 from srvp_jax.train import validation
 from srvp_jax.train.runtime import Console, Interrupted, StopRequest, clu_modules, make_writer
@@ -114,9 +114,9 @@ def _train(cfg, workdir: str, stop: StopRequest, lock: checkpoints.RunLock, trai
   tx = tx or step_lib.make_optimizer(cfg)
 
   # Start-up: abstract model and state (no compilation), checkpoints, data; nothing written yet.
-  abstract_model = nnx.eval_shape(lambda: build_model(cfg, jax.random.key(int(cfg.seed))))
-  graphdef, abstract_params, abstract_stats = nnx.split(abstract_model, nnx.Param, ...)
-  abstract_tree = checkpoints.abstract(checkpoints.model_tree(abstract_model), replicated)
+  structure = abstract_model(cfg)
+  graphdef, abstract_params, abstract_stats = nnx.split(structure, nnx.Param, ...)
+  abstract_tree = checkpoints.abstract(checkpoints.model_tree(structure), replicated)
   abstract_opt = checkpoints.abstract(jax.eval_shape(tx.init, abstract_params), replicated)
   folder = checkpoints.RunFolder.for_run(workdir, cfg)
   start = folder.resume(cfg, abstract_tree, abstract_opt)
@@ -137,7 +137,7 @@ def _train(cfg, workdir: str, stop: StopRequest, lock: checkpoints.RunLock, trai
                                  n_batches=int(cfg.n_iter_test))
 
   if start.model is not None:
-    model = abstract_model
+    model = structure
     checkpoints.set_model_tree(model, start.model)
     _, params, stats = nnx.split(model, nnx.Param, ...)
     counters = sharding.replicate((np.int32(start.step), np.int32(-1)), mesh)
