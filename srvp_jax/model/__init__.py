@@ -42,7 +42,7 @@ def build_model(cfg: Mapping[str, Any], key: jax.Array | int = 0) -> SRVP:
   make = _constructor(cfg)
   # One compiled initialiser: eager construction compiles each layer's initialiser separately,
   # which takes over a minute on a CPU.
-  graphdef, _ = nnx.split(abstract_model(cfg))
+  graphdef, _ = nnx.split(_shapes(make))
   return nnx.merge(graphdef, jax.jit(lambda k: nnx.state(make(k)))(key))
 
 
@@ -51,7 +51,11 @@ def abstract_model(cfg: Mapping[str, Any]) -> SRVP:
   restoring a checkpoint into it, or compiling for it, needs. The construction is traced once, nothing runs
   (``nnx.eval_shape`` of ``build_model`` traces it twice: half the time).
   """
-  make = _constructor(cfg)
+  return _shapes(_constructor(cfg))
+
+
+def _shapes(make: Callable[[jax.Array], SRVP]) -> SRVP:
+  """The model ``make`` constructs, traced: shapes and dtypes only."""
   return nnx.eval_shape(lambda: make(jax.random.key(0)))
 
 
